@@ -1,0 +1,68 @@
+"""Typed errors of the engine. Each carries the HTTP status it maps to, so the service maps them once.
+
+AloraError
+├── InvalidRequestError       400  malformed request (empty input, bad sampling values, bad token ids)
+├── NotFoundError             404  unknown adapter / conversation
+├── ContextTooLongError       413  context longer than the model maximum or the KV pool
+├── InvocationMissingError    422  aLoRA input without its invocation sequence
+├── CapacityError             503  KV blocks exhausted by other live requests (retry later)
+└── AdapterLoadError          --   adapter directory unusable (raised at load time, not per request)
+"""
+
+
+class AloraError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(AloraError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class NotFoundError(AloraError):
+    status_code = 404
+    code = "not_found"
+
+
+class UnknownAdapterError(NotFoundError):
+    code = "unknown_adapter"
+
+
+class UnknownConversationError(NotFoundError):
+    code = "unknown_conversation"
+
+
+class ContextTooLongError(AloraError):
+    status_code = 413
+    code = "context_too_long"
+
+
+class InvocationMissingError(AloraError):
+    status_code = 422
+    code = "invocation_missing"
+
+
+class CapacityError(AloraError):
+    status_code = 503
+    code = "kv_cache_exhausted"
+
+
+class AdapterLoadError(AloraError):
+    """An adapter directory cannot be served: missing files, unsupported variant, shape mismatch..."""
+
+    status_code = 400
+    code = "adapter_load_error"
+
+
+class AdapterConflictError(AdapterLoadError):
+    """An adapter of that name is already loaded with different weights."""
+
+    status_code = 409
+    code = "adapter_conflict"

@@ -1,0 +1,104 @@
+"""Resident adapters: each loaded adapter owns a slot index used in the per-token adapter index.
+
+Loading installs a MaskedLoRALinear on each target module (once) and puts the adapter's A, B and
+scale into that wrapper under the adapter's slot; unloading removes them and frees the slot.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from alora_core.errors import AdapterConflictError, AdapterLoadError, UnknownAdapterError
+from alora_core.lora.adapters import AdapterSpec, read_adapter
+from alora_core.lora.layer import MaskedLoRALinear, install, linear_shapes
+from alora_core.model.batch import ForwardContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    spec: AdapterSpec
+    slot: int
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        ctx: ForwardContext,
+        max_adapters: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._ctx = ctx
+        self._max_adapters = max_adapters
+        self._dtype = dtype
+        self._device = device
+        self._by_name: dict[str, ResidentAdapter] = {}
+        self._lock = threading.Lock()
+
+    def load(self, name: str, path: str | Path) -> ResidentAdapter:
+        """Load adapter `name` from a PEFT directory. Loading the same weights again is a no-op."""
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise AdapterLoadError(f"adapter name {name!r} must be non-empty: letters, digits, '-', '_', '.'")
+        spec = read_adapter(
+            name, path, self._tokenizer, linear_shapes(self._model), self._dtype, self._device
+        )
+        with self._lock:
+            existing = self._by_name.get(name)
+            if existing is not None:
+                if existing.spec.digest == spec.digest:
+                    return existing
+                raise AdapterConflictError(
+                    f"adapter {name!r} is already loaded from {existing.spec.path} with different weights; "
+                    "unload it first or pick another name"
+                )
+            used = {a.slot for a in self._by_name.values()}
+            free = [s for s in range(self._max_adapters) if s not in used]
+            if not free:
+                raise AdapterLoadError(f"all {self._max_adapters} adapter slots are in use")
+            resident = ResidentAdapter(spec=spec, slot=free[0])
+            for module_name, weights in spec.weights.items():
+                install(self._model, module_name, self._ctx).slots[resident.slot] = weights
+            self._by_name[name] = resident
+        log.info(
+            "adapter %s: %s rank %d on %s (slot %d)%s",
+            name,
+            spec.kind,
+            spec.rank,
+            ",".join(spec.target_modules),
+            resident.slot,
+            f", invocation {spec.invocation_text!r} = {list(spec.invocation_tokens or ())}"
+            if spec.kind == "alora"
+            else "",
+        )
+        return resident
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            resident = self._by_name.pop(name, None)
+            if resident is None:
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+            for module_name in resident.spec.weights:
+                wrapper = self._model.get_submodule(module_name)
+                assert isinstance(wrapper, MaskedLoRALinear)
+                wrapper.slots.pop(resident.slot, None)
+
+    def get(self, name: str) -> ResidentAdapter:
+        resident = self._by_name.get(name)
+        if resident is None:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise UnknownAdapterError(f"unknown adapter {name!r} (loaded: {known})")
+        return resident
+
+    def all(self) -> list[ResidentAdapter]:
+        return sorted(self._by_name.values(), key=lambda a: a.spec.name)

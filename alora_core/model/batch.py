@@ -1,0 +1,68 @@
+"""The per-step batch: every new token of every running sequence, flattened into one row each.
+
+The scheduler (or the engine) builds one `StepBatch` per forward pass; the attention backend and
+the LoRA layers only read it. Rows are grouped by sequence:
+
+    rows:      | seq 0: prefill chunk (t0 rows) | seq 1: 1 decode row | seq 2: ... |
+    positions: | c0-t0 ... c0-1                | c1-1                | ...        |   (c = context_len)
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's slice of the flat batch and where its KV lies in the pool."""
+
+    query_start: int  # first row of this sequence in the flat batch
+    query_len: int  # new tokens of this sequence in this step
+    context_len: int  # tokens with KV once this step has written its own (cached + new)
+    kv_segments: tuple[
+        tuple[int, int], ...
+    ]  # [start, end) pool slot ranges covering positions 0..context_len-1
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-token adapter slots. -1 = no LoRA (base requests, aLoRA tokens before activation)."""
+
+    adapter_index: torch.Tensor  # [T] int64
+    rows_by_slot: dict[int, torch.Tensor]  # slot -> rows of the flat batch that use it (computed once a step)
+
+    @classmethod
+    def from_index(cls, adapter_index: torch.Tensor) -> "LoraBatch | None":
+        slots = [int(s) for s in torch.unique(adapter_index).tolist() if s >= 0]
+        if not slots:
+            return None
+        rows = {s: (adapter_index == s).nonzero().squeeze(1) for s in slots}
+        return cls(adapter_index=adapter_index, rows_by_slot=rows)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] position of each row inside its own sequence
+    slot_mapping: torch.Tensor  # [T] pool slot where each row's K/V is written
+    seqs: tuple[SeqSpan, ...]
+    kv: torch.Tensor  # [L, 2, KVH, S, D] the whole pool (see kvcache.block_pool)
+    lora: LoraBatch | None
+    logits_rows: torch.Tensor  # [n] rows whose logits are needed (last new row of sequences that sample)
+
+
+@dataclass
+class ForwardContext:
+    """Shared by the wrapped LoRA layers of one model: the batch of the forward in flight."""
+
+    batch: StepBatch | None = field(default=None)
+
+    @contextmanager
+    def bind(self, batch: StepBatch) -> Iterator[None]:
+        self.batch = batch
+        try:
+            yield
+        finally:
+            self.batch = None
