@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,8 @@ from alora_core.sequence import NO_ACTIVATION, FinishReason, Sequence
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+TokenCallback = Callable[[int], None]  # called with each sampled token id, from the engine's thread
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,11 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------------
 
     def generate(
-        self, conversation_id: str | None, input_ids: list[int], params: SamplingParams | None = None
+        self,
+        conversation_id: str | None,
+        input_ids: list[int],
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
     ) -> GenerationResult:
         """Base-model continuation. input_ids is the conversation's FULL history; the longest prefix
         already cached is reused, and history + output become the conversation's new state."""
@@ -135,7 +142,7 @@ class Engine:
             conv.kv.truncate(reuse)
             seq = self._sequence(input_ids, conv.kv, params)
             try:
-                ttft = self._run(seq, protect=frozenset({key}))
+                ttft = self._run(seq, frozenset({key}), on_token)
             except BaseException:
                 conv.kv.truncate(min(conv.kv.num_tokens, reuse))  # keep only KV valid for the old history
                 raise
@@ -148,6 +155,7 @@ class Engine:
         conversation_id: str | None,
         input_ids: list[int] | None = None,
         params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
     ) -> GenerationResult:
         """Run adapter `adapter_name` on a context, without changing the conversation.
 
@@ -173,7 +181,7 @@ class Engine:
             seq = self._sequence(context, table, params, adapter, start)
             protect = frozenset({conv.key}) if conv is not None else frozenset()
             try:
-                ttft = self._run(seq, protect)
+                ttft = self._run(seq, protect, on_token)
             finally:
                 table.free()
         return self._result(conversation_id, adapter.spec.name, seq, reuse, t0, ttft)
@@ -261,13 +269,14 @@ class Engine:
             generator=params.generator(self.loaded.device),
         )
 
-    def _run(self, seq: Sequence, protect: frozenset[str]) -> float:
+    def _run(self, seq: Sequence, protect: frozenset[str], on_token: TokenCallback | None) -> float:
         """Prefill in chunks, then decode until finished. Returns the time to the first token."""
         t0 = time.perf_counter()
         ttft = 0.0
         while not seq.finished:
             start, end = seq.next_feed(self.config.prefill_chunk_tokens)
             self._reserve(seq.table, end, protect)
+            produced = len(seq.output)
             run_step(
                 [(seq, start, end)],
                 self.loaded.model,
@@ -278,6 +287,8 @@ class Engine:
             )
             if seq.output and not ttft:
                 ttft = time.perf_counter() - t0
+            if on_token is not None and len(seq.output) > produced:
+                on_token(seq.output[-1])
         return ttft
 
     def _reserve(self, table: BlockTable, total_tokens: int, protect: frozenset[str]) -> None:

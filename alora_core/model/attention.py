@@ -107,13 +107,13 @@ def _grouped_attention(
 ) -> torch.Tensor:
     num_heads, t, head_dim = q.shape
     num_kv_heads = num_heads // groups
-    context_len = q_offset + t
+    num_keys = sum(e - s for s, e in segments)  # >= q_offset + t when called on a chunk of the queries
     # q: [H, t, D] -> [KVH, G*t, D]; row g*t + i of kv-head h is head h*G + g at query i (HF repeat_kv order).
     qg = q.reshape(num_kv_heads, groups * t, head_dim)
     scores = torch.cat([qg @ k_cache[:, s:e].transpose(1, 2) for s, e in segments], dim=-1) * scale
-    # scores: [KVH, G*t, context_len]
-    if t > 1:
-        allowed = torch.ones(t, context_len, dtype=torch.bool, device=q.device).tril(q_offset)
+    # scores: [KVH, G*t, num_keys]; query i sits at position q_offset + i and sees keys 0..q_offset+i
+    if t > 1 or q_offset + t < num_keys:
+        allowed = torch.ones(t, num_keys, dtype=torch.bool, device=q.device).tril(q_offset)
         scores = scores.masked_fill(~allowed.repeat(groups, 1), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype)
     out = torch.zeros(num_kv_heads, groups * t, head_dim, dtype=v_cache.dtype, device=q.device)

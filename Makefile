@@ -1,0 +1,30 @@
+# Two entry points (see README): `make serve` and `make test`. Both create .venv and install into it.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU machines: pin torch to the CPU build (no multi-GB CUDA wheels). GPU users: `make CONSTRAINTS= ...`
+CONSTRAINTS ?= constraints/cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+BIN := $(VENV)/bin
+
+.PHONY: install serve test lint bench-core
+
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIP_C) -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: install
+	$(BIN)/alora-serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench-core: install
+	$(BIN)/python loadtest/bench_core.py $(ARGS)

@@ -1,0 +1,87 @@
+"""Fixtures for the core tests: the tiny demo model, engines over it, and the PEFT oracle."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from alora_core import Engine, EngineConfig
+from alora_core.fixtures import DemoPaths, write_demo
+
+SPECIAL_IDS = 3  # ids 0..2 are the role / end-of-text specials: random contexts avoid them
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
+    return write_demo(tmp_path_factory.mktemp("demo"), preset="tiny", seed=0)
+
+
+class PeftOracle:
+    """Hugging Face transformers + PEFT on the same weights: the reference every output is checked against."""
+
+    def __init__(self, demo: DemoPaths) -> None:
+        self.demo = demo
+        self.tokenizer = AutoTokenizer.from_pretrained(str(demo.model))
+        self._models: dict[str | None, PreTrainedModel] = {}
+
+    def model(self, adapter: str | None) -> PreTrainedModel:
+        if adapter not in self._models:
+            base = AutoModelForCausalLM.from_pretrained(str(self.demo.model), dtype=torch.float32)
+            if adapter is None:
+                model = base
+            else:
+                path = self.demo.adapters[adapter]
+                config = LoraConfig.from_pretrained(str(path))
+                raw = json.loads((Path(path) / "adapter_config.json").read_text())
+                if raw.get("invocation_string") and not raw.get("alora_invocation_tokens"):
+                    # legacy IBM format: PEFT would silently load it as a plain LoRA without this
+                    config.alora_invocation_tokens = self.tokenizer.encode(
+                        raw["invocation_string"], add_special_tokens=False
+                    )
+                model = PeftModel.from_pretrained(base, str(path), config=config)
+            self._models[adapter] = model.eval()
+        return self._models[adapter]
+
+    @torch.inference_mode()
+    def generate(
+        self, adapter: str | None, input_ids: list[int], max_new_tokens: int
+    ) -> tuple[list[int], torch.Tensor]:
+        """Greedy generation, stopping at EOS like the engine. Returns (new tokens, logits [n, V])."""
+        out = self.model(adapter).generate(
+            input_ids=torch.tensor([input_ids]),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return out.sequences[0, len(input_ids) :].tolist(), torch.stack(out.logits)[:, 0]
+
+
+@pytest.fixture(scope="session")
+def oracle(demo: DemoPaths) -> PeftOracle:
+    return PeftOracle(demo)
+
+
+@pytest.fixture
+def make_engine(demo: DemoPaths) -> Callable[..., Engine]:
+    def make(**overrides: object) -> Engine:
+        config = EngineConfig(model=str(demo.model), **{"num_blocks": 256, "block_size": 16, **overrides})
+        return Engine.from_config(config, adapters=demo.adapters)
+
+    return make
+
+
+@pytest.fixture
+def engine(make_engine: Callable[..., Engine]) -> Engine:
+    return make_engine()
+
+
+def random_ids(n: int, seed: int, vocab: int = 500) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(SPECIAL_IDS, vocab, (n,), generator=g).tolist()
