@@ -38,3 +38,16 @@ def test_masked_lora_matches_per_token_definition() -> None:
 
 def test_all_base_batch_has_no_lora_work() -> None:
     assert LoraBatch.from_index(torch.full((5,), -1)) is None
+
+
+def test_single_adapter_covering_every_row() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = LoraWeights(torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen), 1.5)
+    x = torch.randn(7, 6, generator=gen)
+    y0 = torch.randn(7, 5, generator=gen)
+    batch = LoraBatch.from_index(torch.full((7,), 3))
+    assert batch is not None
+    y = y0.clone()
+    masked_lora_reference(y, x, batch.rows_by_slot, {3: w})
+    expected = torch.stack([y0[t] + w.scale * (w.b @ (w.a @ x[t])) for t in range(7)])
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
