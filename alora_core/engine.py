@@ -1,5 +1,6 @@
 """The engine: the one entry point above the model. Base turns commit to a conversation; intrinsics
-run on a fork of it and leave it untouched.
+run on a fork of it and leave it untouched. Requests are validated here, then run by the
+continuous-batching scheduler thread; `generate` / `intrinsic` wait, `submit_*` return a handle.
 
     generate(conv, input):   reuse = lcp(conv.cached, input)      -> truncate conv KV, prefill the rest,
                              decode; commit input + output to conv
@@ -10,7 +11,6 @@ run on a fork of it and leave it untouched.
 """
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,28 +20,21 @@ from typing import Literal
 
 import torch
 
-from alora_core.errors import (
-    CapacityError,
-    ContextTooLongError,
-    InvalidRequestError,
-    InvocationMissingError,
-    UnknownConversationError,
-)
+from alora_core.context import activation_start, validate
+from alora_core.errors import ConversationBusyError, InvalidRequestError, UnknownConversationError
 from alora_core.kvcache.block_pool import BlockPool
-from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.conversations import Conversation, ConversationStore
 from alora_core.lora.registry import AdapterRegistry, ResidentAdapter
 from alora_core.model.batch import ForwardContext
 from alora_core.model.loader import DType, LoadedModel, load_model
+from alora_core.request import Request, RequestHandle, TokenCallback
 from alora_core.sampling import SamplingParams
-from alora_core.scheduler import run_step
-from alora_core.sequence import NO_ACTIVATION, FinishReason, Sequence
+from alora_core.scheduler import ModelHandle, Scheduler, SchedulerConfig
+from alora_core.sequence import NO_ACTIVATION, FinishReason
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
-
-TokenCallback = Callable[[int], None]  # called with each sampled token id, from the engine's thread
 
 
 @dataclass(frozen=True)
@@ -54,6 +47,9 @@ class EngineConfig:
     num_blocks: int | None = None  # overrides kv_cache_bytes
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefill_chunk_tokens: int = 512  # tokens of one sequence per forward during prefill
+    max_num_seqs: int = 64  # sequences batched per forward (1 = one request at a time)
+    max_num_batched_tokens: int = 512  # new tokens per forward, all sequences together
+    max_waiting: int = 256  # queued requests beyond which new ones are refused (HTTP 429)
     max_adapters: int = 32
     max_conversations: int = 10_000
 
@@ -75,6 +71,7 @@ class GenerationResult:
     usage: Usage
     ttft_s: float
     total_s: float
+    queue_s: float = 0.0  # submitted -> admitted (the last admission, after any preemption)
     activation_start: int | None = None  # aLoRA: first adapted position of the context
     logits: torch.Tensor | None = None  # [completion_tokens, V] when params.return_logits
 
@@ -105,7 +102,25 @@ class Engine:
         self.adapters = AdapterRegistry(
             loaded.model, loaded.tokenizer, self.ctx, config.max_adapters, loaded.dtype, loaded.device
         )
-        self._lock = threading.Lock()  # one request at a time until the batching scheduler owns the model
+        self.scheduler = Scheduler(
+            ModelHandle(
+                model=loaded.model,
+                ctx=self.ctx,
+                tokenizer=loaded.tokenizer,
+                device=loaded.device,
+                eos_token_ids=loaded.eos_token_ids,
+                vocab_size=shape.vocab_size,
+                max_model_len=self.max_model_len,
+            ),
+            self.pool,
+            self.conversations,
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                prefill_chunk_tokens=config.prefill_chunk_tokens,
+                max_waiting=config.max_waiting,
+            ),
+        )
         log.info(
             "KV pool: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
             num_blocks,
@@ -132,22 +147,7 @@ class Engine:
     ) -> GenerationResult:
         """Base-model continuation. input_ids is the conversation's FULL history; the longest prefix
         already cached is reused, and history + output become the conversation's new state."""
-        params = params or SamplingParams()
-        self._validate(input_ids, params)
-        t0 = time.perf_counter()
-        with self._lock:
-            key = conversation_id if conversation_id is not None else uuid.uuid4().hex
-            conv = self.conversations.get_or_create(key)
-            reuse = min(_common_prefix(conv.token_ids[: conv.cached_tokens], input_ids), len(input_ids) - 1)
-            conv.kv.truncate(reuse)
-            seq = self._sequence(input_ids, conv.kv, params)
-            try:
-                ttft = self._run(seq, frozenset({key}), on_token)
-            except BaseException:
-                conv.kv.truncate(min(conv.kv.num_tokens, reuse))  # keep only KV valid for the old history
-                raise
-            conv.token_ids = seq.tokens
-        return self._result(key, None, seq, reuse, t0, ttft)
+        return self.submit_generate(conversation_id, input_ids, params, on_token).result()
 
     def intrinsic(
         self,
@@ -162,43 +162,56 @@ class Engine:
         Context = input_ids if given (an aLoRA's must contain its invocation), else the conversation's
         tokens with the invocation appended. An aLoRA reuses the conversation's base KV before the
         invocation; a plain LoRA recomputes everything."""
+        return self.submit_intrinsic(adapter_name, conversation_id, input_ids, params, on_token).result()
+
+    def submit_generate(
+        self,
+        conversation_id: str | None,
+        input_ids: list[int],
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> "EngineHandle":
+        params = params or SamplingParams()
+        self._validate(list(input_ids), params)
+        key = conversation_id if conversation_id is not None else uuid.uuid4().hex
+        return self._submit(Request("generate", key, list(input_ids), params, on_token=on_token))
+
+    def submit_intrinsic(
+        self,
+        adapter_name: str,
+        conversation_id: str | None,
+        input_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> "EngineHandle":
         params = params or SamplingParams()
         adapter = self.adapters.get(adapter_name)
         if input_ids is None and conversation_id is None:
             raise InvalidRequestError("intrinsic needs a conversation_id, input_ids, or both")
-        t0 = time.perf_counter()
-        with self._lock:
-            conv = self._conversation(conversation_id) if conversation_id is not None else None
-            context = list(input_ids) if input_ids is not None else self._append_invocation(conv, adapter)
-            self._validate(context, params)
-            start = 0
+        if input_ids is not None:
+            self._validate(list(input_ids), params)
             if adapter.spec.kind == "alora":
-                start = self.activation_start(adapter, context)
-            reuse = 0
-            if conv is not None and adapter.spec.kind == "alora":
-                reuse = min(_common_prefix(conv.token_ids[: conv.cached_tokens], context), start)
-            table = conv.kv.fork(reuse) if reuse > 0 and conv is not None else BlockTable(self.pool)
-            seq = self._sequence(context, table, params, adapter, start)
-            protect = frozenset({conv.key}) if conv is not None else frozenset()
-            try:
-                ttft = self._run(seq, protect, on_token)
-            finally:
-                table.free()
-        return self._result(conversation_id, adapter.spec.name, seq, reuse, t0, ttft)
+                activation_start(adapter, list(input_ids))
+        else:
+            params.validate(self.loaded.shape.vocab_size)
+        if conversation_id is not None and conversation_id not in self.conversations:
+            raise UnknownConversationError(f"unknown conversation {conversation_id!r}")
+        request = Request(
+            "intrinsic",
+            conversation_id,
+            None if input_ids is None else list(input_ids),
+            params,
+            adapter=adapter,
+            on_token=on_token,
+        )
+        return self._submit(request)
 
     def activation_start(self, adapter: ResidentAdapter, context: list[int]) -> int:
         """Position of the LAST occurrence of the adapter's invocation sequence in context."""
-        invocation = list(adapter.spec.invocation_tokens or ())
-        start = _last_occurrence(context, invocation)
-        if start is None:
-            raise InvocationMissingError(
-                f"input does not contain the invocation sequence of aLoRA adapter {adapter.spec.name!r}: "
-                f"{adapter.spec.invocation_text!r} = token ids {invocation}"
-            )
-        return start
+        return activation_start(adapter, context)
 
     def conversation(self, conversation_id: str) -> ConversationInfo:
-        with self._lock:
+        with self.scheduler.state_lock:
             conv = self._conversation(conversation_id)
             return ConversationInfo(
                 conversation_id=conversation_id,
@@ -208,15 +221,26 @@ class Engine:
             )
 
     def conversation_tokens(self, conversation_id: str) -> list[int]:
-        with self._lock:
+        with self.scheduler.state_lock:
             return list(self._conversation(conversation_id).token_ids)
 
     def delete_conversation(self, conversation_id: str) -> None:
-        with self._lock:
-            if not self.conversations.delete(conversation_id):
-                raise UnknownConversationError(f"unknown conversation {conversation_id!r}")
+        with self.scheduler.state_lock:
+            self._conversation(conversation_id)
+            if conversation_id in self.scheduler.busy_conversations():
+                raise ConversationBusyError(f"conversation {conversation_id!r} has a request in progress")
+            self.conversations.delete(conversation_id)
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still queued or running fail with CapacityError."""
+        self.scheduler.stop()
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _submit(self, request: Request) -> "EngineHandle":
+        handle = EngineHandle(request, self.scheduler.wake, self)
+        self.scheduler.submit(request)
+        return handle
 
     def _conversation(self, conversation_id: str) -> Conversation:
         conv = self.conversations.get(conversation_id)
@@ -224,120 +248,41 @@ class Engine:
             raise UnknownConversationError(f"unknown conversation {conversation_id!r}")
         return conv
 
-    def _append_invocation(self, conv: Conversation | None, adapter: ResidentAdapter) -> list[int]:
-        assert conv is not None
-        if not conv.token_ids:
-            raise InvalidRequestError(f"conversation {conv.key!r} is empty: nothing to run the adapter on")
-        return conv.token_ids + list(adapter.spec.invocation_tokens or ())
-
     def _validate(self, input_ids: list[int], params: SamplingParams) -> None:
-        vocab = self.loaded.shape.vocab_size
-        params.validate(vocab)
-        if not input_ids:
-            raise InvalidRequestError("input is empty: at least one token is needed")
-        bad = [t for t in input_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:8]} fall outside the vocabulary [0, {vocab})")
-        if len(input_ids) >= self.max_model_len:
-            raise ContextTooLongError(
-                f"input has {len(input_ids)} tokens; the model maximum is {self.max_model_len} "
-                f"including at least one generated token, so at most {self.max_model_len - 1} input tokens"
-            )
-        blocks_needed = -(-(len(input_ids) + 1) // self.pool.block_size)
-        if blocks_needed > self.pool.num_blocks:
-            raise ContextTooLongError(
-                f"input has {len(input_ids)} tokens; the KV pool holds at most "
-                f"{self.pool.num_blocks * self.pool.block_size - 1} (raise kv_cache_bytes)"
-            )
+        validate(input_ids, params, self.loaded.shape.vocab_size, self.max_model_len, self.pool)
 
-    def _sequence(
-        self,
-        prompt: list[int],
-        table: BlockTable,
-        params: SamplingParams,
-        adapter: ResidentAdapter | None = None,
-        activation_start: int = NO_ACTIVATION,
-    ) -> Sequence:
-        return Sequence(
-            prompt=list(prompt),
-            table=table,
-            params=params,
-            max_model_len=self.max_model_len,
-            eos_token_ids=self.loaded.eos_token_ids,
-            adapter_slot=adapter.slot if adapter is not None else None,
-            activation_start=activation_start if adapter is not None else NO_ACTIVATION,
-            generator=params.generator(self.loaded.device),
-        )
-
-    def _run(self, seq: Sequence, protect: frozenset[str], on_token: TokenCallback | None) -> float:
-        """Prefill in chunks, then decode until finished. Returns the time to the first token."""
-        t0 = time.perf_counter()
-        ttft = 0.0
-        while not seq.finished:
-            start, end = seq.next_feed(self.config.prefill_chunk_tokens)
-            self._reserve(seq.table, end, protect)
-            produced = len(seq.output)
-            run_step(
-                [(seq, start, end)],
-                self.loaded.model,
-                self.ctx,
-                self.pool,
-                self.tokenizer,
-                self.loaded.device,
-            )
-            if seq.output and not ttft:
-                ttft = time.perf_counter() - t0
-            if on_token is not None and len(seq.output) > produced:
-                on_token(seq.output[-1])
-        return ttft
-
-    def _reserve(self, table: BlockTable, total_tokens: int, protect: frozenset[str]) -> None:
-        try:
-            table.reserve(total_tokens)
-        except CapacityError:
-            missing = -(-total_tokens // self.pool.block_size) - len(table.blocks)
-            dropped = self.conversations.evict_caches(missing, protect)
-            log.info("KV pool full: dropped the cache of %d tokens of idle conversations", dropped)
-            table.reserve(total_tokens)
-
-    def _result(
-        self,
-        conversation_id: str | None,
-        adapter: str | None,
-        seq: Sequence,
-        reuse: int,
-        t0: float,
-        ttft: float,
-    ) -> GenerationResult:
-        assert seq.finish_reason is not None
+    def result_of(self, r: Request) -> GenerationResult:
+        seq = r.seq
+        assert seq is not None and seq.finish_reason is not None
+        end = time.perf_counter()
+        admitted = r.admitted_at or r.arrival
         return GenerationResult(
-            conversation_id=conversation_id,
-            adapter=adapter,
+            conversation_id=r.conversation_id,
+            adapter=r.adapter.spec.name if r.adapter is not None else None,
             token_ids=list(seq.output),
             text=seq.text(self.tokenizer),
             finish_reason=seq.finish_reason,
             usage=Usage(
-                prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output), cached_tokens=reuse
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(seq.output),
+                cached_tokens=r.cached_tokens,
             ),
-            ttft_s=ttft,
-            total_s=time.perf_counter() - t0,
+            ttft_s=(r.first_token_at or end) - r.arrival,
+            total_s=end - r.arrival,
+            queue_s=admitted - r.arrival,
             activation_start=seq.activation_start if seq.activation_start != NO_ACTIVATION else None,
             logits=torch.stack(seq.logits) if seq.logits else None,
         )
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+class EngineHandle(RequestHandle):
+    """A submitted request: `result()` waits and returns its GenerationResult; `cancel()` stops it."""
 
+    def __init__(self, request: Request, wake: Callable[[], None], engine: Engine) -> None:
+        super().__init__(request, wake)
+        self._engine = engine
 
-def _last_occurrence(tokens: list[int], pattern: list[int]) -> int | None:
-    """Start of the last occurrence of `pattern` in `tokens` (PEFT's calculate_alora_offsets rule)."""
-    m = len(pattern)
-    for i in range(len(tokens) - m, -1, -1):
-        if tokens[i : i + m] == pattern:
-            return i
-    return None
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        request = super().result(timeout)
+        assert isinstance(request, Request)
+        return self._engine.result_of(request)

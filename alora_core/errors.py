@@ -49,6 +49,25 @@ class InvocationMissingError(AloraError):
     code = "invocation_missing"
 
 
+class ConversationBusyError(AloraError):
+    status_code = 409
+    code = "conversation_busy"
+
+
+class OverloadedError(AloraError):
+    status_code = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestCancelledError(AloraError):
+    status_code = 499
+    code = "cancelled"
+
+
 class CapacityError(AloraError):
     status_code = 503
     code = "kv_cache_exhausted"

@@ -1,83 +1,387 @@
-"""Build one flat StepBatch from the running sequences, run the forward, sample.
+"""Continuous batching: one background thread packs every running sequence into each forward.
 
-    step(work = [(seq, start, end), ...]):
-        rows       = concat(seq.tokens[start:end])            prefill chunks and single decode tokens
-        positions  = concat(arange(start, end))
-        slots      = concat(seq.table.slots(start, end))      where each row's K/V goes
-        adapter    = slot if position >= activation_start else -1
-        logits for the last row of every sequence that reached its end -> sample -> seq.append
+    loop:
+        inbox -> waiting                              (bounded: OverloadedError when full)
+        drop cancelled requests                       (blocks freed, conversation restored)
+        admit waiting in FIFO order                   (KV blocks, max_num_seqs, per-conversation order)
+        schedule: decodes first (1 token each), then prefill chunks, within max_num_batched_tokens
+        out of KV -> drop idle conversation caches, then preempt the newest running request (recompute)
+        one forward (step.run_step), emit tokens, finish: commit a /generate, drop an intrinsic's fork
 
-The engine drives it one request at a time today; the continuous-batching loop packs many.
+Per conversation: at most one /generate runs, later requests on that conversation wait behind it,
+and a /generate waits for earlier requests on its conversation; intrinsics run side by side on
+forks that share the conversation's blocks.
 """
+
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from alora_core.context import activation_start, common_prefix, validate
+from alora_core.errors import (
+    AloraError,
+    CapacityError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestCancelledError,
+    UnknownConversationError,
+)
 from alora_core.kvcache.block_pool import BlockPool
-from alora_core.model.batch import ForwardContext, LoraBatch, SeqSpan, StepBatch
-from alora_core.sampling import sample
-from alora_core.sequence import Sequence
+from alora_core.kvcache.block_table import BlockTable
+from alora_core.kvcache.conversations import Conversation, ConversationStore
+from alora_core.model.batch import ForwardContext
+from alora_core.request import Request
+from alora_core.sequence import NO_ACTIVATION, Sequence
+from alora_core.step import Work, run_step
 
-Work = tuple[Sequence, int, int]  # (sequence, first position to feed, end position)
-
-
-def build_step_batch(work: list[Work], pool: BlockPool, device: torch.device) -> StepBatch:
-    ids: list[int] = []
-    positions, slots, adapter_index, spans, logits_rows = [], [], [], [], []
-    for seq, start, end in work:
-        assert seq.table.capacity >= end, "reserve KV blocks before building the step"
-        row = len(ids)
-        ids += seq.tokens[start:end]
-        pos = torch.arange(start, end)
-        positions.append(pos)
-        slots.append(seq.table.slots(start, end))
-        slot = -1 if seq.adapter_slot is None else seq.adapter_slot
-        adapter_index.append(torch.where(pos >= seq.activation_start, slot, -1))
-        spans.append(SeqSpan(row, end - start, end, seq.table.segments(end)))
-        if end == seq.num_tokens:
-            logits_rows.append(row + end - start - 1)
-    index = torch.cat(adapter_index).to(device)
-    return StepBatch(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.cat(positions).to(device),
-        slot_mapping=torch.cat(slots).to(device),
-        seqs=tuple(spans),
-        kv=pool.kv,
-        lora=LoraBatch.from_index(index),
-        logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
-    )
+log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
-def forward(model: nn.Module, ctx: ForwardContext, batch: StepBatch) -> torch.Tensor:
-    """One forward pass of the HF model over the flat batch -> logits [len(logits_rows), V]."""
-    with ctx.bind(batch):
-        out = model(
-            input_ids=batch.input_ids.unsqueeze(0),
-            position_ids=batch.positions.unsqueeze(0),
-            use_cache=False,
-            logits_to_keep=batch.logits_rows,
-            step_batch=batch,
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # running sequences per step (1 = no batching)
+    max_num_batched_tokens: int = 512  # new tokens per step: bounds decode latency during long prefills
+    prefill_chunk_tokens: int = 512  # new tokens of one sequence per step
+    max_waiting: int = 256  # queued requests before new ones get OverloadedError (HTTP 429)
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    model: nn.Module
+    ctx: ForwardContext
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    max_model_len: int
+
+
+class Scheduler:
+    def __init__(
+        self, handle: ModelHandle, pool: BlockPool, conversations: ConversationStore, config: SchedulerConfig
+    ) -> None:
+        self.handle = handle
+        self.pool = pool
+        self.conversations = conversations
+        self.config = config
+        self.state_lock = threading.Lock()  # conversations + pool: held for a whole step
+        self._inbox: deque[Request] = deque()
+        self._inbox_cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._stopping = False
+        self.preemptions = 0
+        self._outbox: list[Callable[[], None]] = []  # deliveries to run once the step releases the lock
+        self.step_observers: list[Callable[[list[Work]], None]] = []  # see each step's work (metrics, tests)
+        self._thread = threading.Thread(target=self._loop, name="alora-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ---------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._inbox_cv:
+            if self._stopping:
+                raise CapacityError("the engine is shutting down")
+            if len(self._inbox) + len(self._waiting) >= self.config.max_waiting:
+                raise OverloadedError(
+                    f"{self.config.max_waiting} requests are already waiting", retry_after_s=1.0
+                )
+            self._inbox.append(request)
+            self._inbox_cv.notify()
+
+    def wake(self) -> None:
+        with self._inbox_cv:
+            self._inbox_cv.notify()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + len(self._waiting)
+
+    def busy_conversations(self) -> set[str]:
+        """Conversations a running or waiting request will read or write (do not delete them now)."""
+        requests = [*self.running, *self._waiting, *self._inbox]
+        return {r.conversation_id for r in requests if r.conversation_id is not None}
+
+    def stop(self) -> None:
+        with self._inbox_cv:
+            self._stopping = True
+            self._inbox_cv.notify()
+        self._thread.join(timeout=30)
+
+    # -- the scheduler thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._inbox_cv:
+                while not (self._inbox or self._waiting or self.running or self._stopping):
+                    self._inbox_cv.wait()
+                if self._stopping:
+                    break
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+            with self.state_lock:
+                progressed = self._step_safely()
+                outbox, self._outbox = self._outbox, []
+            for (
+                deliver
+            ) in outbox:  # token callbacks and results, outside the lock: a slow consumer stalls no one
+                deliver()
+            if not progressed:
+                time.sleep(0.005)  # waiting requests that cannot be admitted yet: do not spin
+        with self.state_lock:
+            error = CapacityError("the engine shut down before the request finished")
+            for r in [*self.running, *self._waiting, *self._inbox]:
+                self._abort(r, error)
+
+    def _step_safely(self) -> bool:
+        work: list[Work] = []
+        try:
+            self._drop_cancelled()
+            self._admit()
+            work = self._schedule()
+            if not work:
+                return False
+            for observe in self.step_observers:
+                observe(work)
+            h = self.handle
+            run_step(work, h.model, h.ctx, self.pool, h.tokenizer, h.device)
+        except Exception as exc:  # a bug or a device error: fail the requests of this step, keep serving
+            log.exception("engine step failed")
+            failed = {id(seq) for seq, _, _ in work}
+            for r in [r for r in self.running if id(r.seq) in failed]:
+                self._abort(r, exc)
+            return True
+        self._after_step()
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for r in [r for r in self._waiting if r.cancel_event.is_set()]:
+            self._waiting.remove(r)
+            r.fail(RequestCancelledError("request cancelled"))
+        for r in [r for r in self.running if r.cancel_event.is_set()]:
+            self._abort(r, RequestCancelledError("request cancelled"))
+
+    def _admit(self) -> None:
+        blocked: set[str] = {
+            r.conversation_id for r in self.running if r.kind == "generate" and r.conversation_id
+        }
+        pending: set[str] = set()  # conversations with an earlier request still waiting
+        keep: deque[Request] = deque()
+        while self._waiting:
+            r = self._waiting.popleft()
+            key = r.conversation_id
+            if (key is not None and (key in blocked or (r.kind == "generate" and key in pending))) or len(
+                self.running
+            ) >= self.config.max_num_seqs:
+                keep.append(r)
+            else:
+                try:
+                    admitted = self._start(r)
+                except AloraError as exc:
+                    r.fail(exc)
+                    continue
+                if not admitted:  # not enough KV now: strict FIFO, everything behind it waits too
+                    keep.append(r)
+                    keep.extend(self._waiting)
+                    self._waiting.clear()
+                    break
+                self.running.append(r)
+            if key is not None:
+                pending.add(key)
+                if r.kind == "generate":
+                    blocked.add(key)
+        self._waiting = keep
+
+    def _start(self, r: Request) -> bool:
+        """Resolve the context, reuse the conversation's cache, take KV blocks. False: not enough KV yet."""
+        conv = self.conversations.get(r.conversation_id) if r.conversation_id is not None else None
+        if r.kind == "generate":
+            assert r.conversation_id is not None
+            conv = self.conversations.get_or_create(r.conversation_id)
+        elif r.conversation_id is not None and conv is None:
+            raise UnknownConversationError(f"unknown conversation {r.conversation_id!r}")
+        if r.seq is None:
+            r.seq = self._new_sequence(r, conv)
+        seq = r.seq
+
+        reuse = 0
+        if conv is not None and r.kind == "generate":
+            reuse = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.num_tokens - 1)
+        elif conv is not None and r.adapter is not None and r.adapter.spec.kind == "alora":
+            reuse = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.activation_start)
+
+        bs = self.pool.block_size
+        need = -(-seq.num_tokens // bs) - reuse // bs + 1
+        if self.pool.num_free < need:
+            self.conversations.evict_caches(need, protect=self._protected(r))
+            if self.pool.num_free < need:
+                return False
+
+        if r.kind == "generate":
+            assert conv is not None
+            conv.kv.truncate(reuse)
+            seq.table = conv.kv
+            r.restore_point = reuse
+        else:
+            seq.table = conv.kv.fork(reuse) if conv is not None and reuse > 0 else BlockTable(self.pool)
+        if r.admitted_at is None:
+            r.admitted_at = time.perf_counter()
+            r.cached_tokens = reuse
+        return True
+
+    def _new_sequence(self, r: Request, conv: Conversation | None) -> Sequence:
+        h = self.handle
+        if r.input_ids is not None:
+            context = list(r.input_ids)
+        else:
+            assert conv is not None and r.adapter is not None
+            if not conv.token_ids:
+                raise InvalidRequestError(f"conversation {r.conversation_id!r} is empty: nothing to run on")
+            context = conv.token_ids + list(r.adapter.spec.invocation_tokens or ())
+        validate(context, r.params, h.vocab_size, h.max_model_len, self.pool)
+        start = NO_ACTIVATION
+        if r.adapter is not None:
+            start = activation_start(r.adapter, context) if r.adapter.spec.kind == "alora" else 0
+        return Sequence(
+            prompt=context,
+            table=BlockTable(self.pool),
+            params=r.params,
+            max_model_len=h.max_model_len,
+            eos_token_ids=h.eos_token_ids,
+            adapter_slot=r.adapter.slot if r.adapter is not None else None,
+            activation_start=start,
+            generator=r.params.generator(h.device),
         )
-    return out.logits[0]
+
+    def _protected(self, r: Request | None = None) -> frozenset[str]:
+        keys = {x.conversation_id for x in self.running if x.conversation_id is not None}
+        if r is not None and r.conversation_id is not None:
+            keys.add(r.conversation_id)
+        return frozenset(keys)
+
+    def _schedule(self) -> list[Work]:
+        budget = self.config.max_num_batched_tokens
+        decodes = [
+            r for r in self.running if r.seq is not None and r.seq.num_tokens - r.seq.table.num_tokens == 1
+        ]
+        prefills = [r for r in self.running if r not in decodes]
+        work: list[Work] = []
+        scheduled: set[int] = set()
+        for r in decodes + prefills:
+            if budget <= 0:
+                break
+            if r not in self.running:  # preempted to make room for an earlier one
+                continue
+            seq = r.seq
+            assert seq is not None
+            start, end = seq.next_feed(min(budget, self.config.prefill_chunk_tokens))
+            if not self._reserve(r, end, scheduled):
+                continue
+            work.append((seq, start, end))
+            scheduled.add(id(r))
+            budget -= end - start
+        return work
+
+    def _reserve(self, r: Request, end: int, scheduled: set[int]) -> bool:
+        assert r.seq is not None
+        while True:
+            try:
+                r.seq.table.reserve(end)
+                return True
+            except CapacityError:
+                missing = -(-end // self.pool.block_size) - len(r.seq.table.blocks)
+                self.conversations.evict_caches(missing, protect=self._protected())
+                if self.pool.num_free >= missing:
+                    continue
+                victims = [x for x in reversed(self.running) if x is not r and id(x) not in scheduled]
+                if victims:
+                    self._preempt(victims[0])
+                    continue
+                if len(self.running) == 1 and r.seq.output:  # alone and still too big: stop here
+                    r.seq.finish_reason = "length"
+                    self._finish(r)
+                    return False
+                self._preempt(r)
+                return False
+
+    def _preempt(self, r: Request) -> None:
+        """Free the request's KV and put it first in line; its tokens so far are recomputed later."""
+        self._release(r)
+        self.running.remove(r)
+        self._waiting.appendleft(r)
+        r.preemptions += 1
+        self.preemptions += 1
+        log.info("preempted a %s request (KV full); it will be recomputed", r.kind)
+
+    def _release(self, r: Request) -> None:
+        if r.seq is None:
+            return
+        if r.kind == "generate":
+            conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
+            if conv is not None and conv.kv is r.seq.table:
+                conv.kv.truncate(min(conv.kv.num_tokens, r.restore_point))  # valid for the old history again
+        else:
+            r.seq.table.free()
+        r.seq.table = BlockTable(self.pool)
+
+    def _after_step(self) -> None:
+        now = time.perf_counter()
+        for r in list(self.running):
+            seq = r.seq
+            assert seq is not None
+            if seq.output and r.first_token_at is None:
+                r.first_token_at = now
+            if r.on_token is not None and len(seq.output) > r.emitted:
+                self._outbox.append(functools.partial(_emit, r, seq.output[r.emitted :]))
+            r.emitted = len(seq.output)
+            if seq.finished:
+                self._finish(r)
+
+    def _finish(self, r: Request) -> None:
+        seq = r.seq
+        assert seq is not None
+        if r.kind == "generate":
+            conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
+            if conv is not None:
+                conv.token_ids = seq.tokens
+        else:
+            seq.table.free()
+        self.running.remove(r)
+        self._outbox.append(functools.partial(_resolve, r))
+
+    def _abort(self, r: Request, error: BaseException) -> None:
+        self._release(r)
+        conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
+        if r.kind == "generate" and conv is not None and not conv.token_ids:  # its first turn never finished
+            self.conversations.delete(conv.key)
+        if r in self.running:
+            self.running.remove(r)
+        if r in self._waiting:
+            self._waiting.remove(r)
+        r.fail(error)
 
 
-def run_step(
-    work: list[Work],
-    model: nn.Module,
-    ctx: ForwardContext,
-    pool: BlockPool,
-    tokenizer: PreTrainedTokenizerBase,
-    device: torch.device,
-) -> None:
-    """Feed each sequence's [start, end) and sample the next token of those that reached their end."""
-    batch = build_step_batch(work, pool, device)
-    logits = forward(model, ctx, batch)
-    sampling = [seq for seq, _, end in work if end == seq.num_tokens]
-    for seq, _, end in work:
-        seq.table.num_tokens = end
-    for seq, row_logits in zip(sampling, logits, strict=True):
-        if seq.params.return_logits:
-            seq.logits.append(row_logits.float().cpu())
-        seq.append(sample(row_logits, seq.params, seq.generator), tokenizer)
+def _emit(r: Request, tokens: list[int]) -> None:
+    assert r.on_token is not None
+    for token in tokens:
+        if r.cancel_event.is_set():
+            return
+        try:
+            r.on_token(token)
+        except Exception:  # a broken consumer must not stop the engine
+            log.exception("on_token callback failed; cancelling its request")
+            r.cancel_event.set()
+            return
+
+
+def _resolve(r: Request) -> None:
+    if not r.future.done():
+        r.future.set_result(r)

@@ -64,7 +64,7 @@ class Sequence:
             self.finish_reason = "length"
 
     def _match_stop_string(self, tokenizer: PreTrainedTokenizerBase) -> bool:
-        text = tokenizer.decode(self.output, skip_special_tokens=True)
+        text = str(tokenizer.decode(self.output, skip_special_tokens=True))
         hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
         if hits:
             self.stop_text_end = min(hits)
@@ -74,5 +74,5 @@ class Sequence:
         ids = self.output
         if self.finish_reason == "stop" and self.stop_text_end is None and ids:
             ids = ids[:-1]  # the EOS / stop token is not part of the text
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
         return text[: self.stop_text_end] if self.stop_text_end is not None else text

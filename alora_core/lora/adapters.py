@@ -225,7 +225,7 @@ def _invocation(
             f"{root}: alora_invocation_tokens {tokens} fall outside the vocabulary (size {vocab})"
         )
     if text is None:
-        text = tokenizer.decode(tokens)
+        text = str(tokenizer.decode(tokens))
     return tuple(tokens), text
 
 

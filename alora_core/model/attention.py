@@ -40,7 +40,7 @@ def paged_attention_forward(
     """query: [1, H, T, D]; key, value: [1, KVH, T, D]. Returns ([1, T, H, D], None)."""
     if step_batch is None:
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention needs the step_batch forward kwarg")
-    layer = module.layer_idx
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
     k_cache = step_batch.kv[layer, 0]  # [KVH, S, D]
     v_cache = step_batch.kv[layer, 1]
     k_cache.index_copy_(1, step_batch.slot_mapping, key[0].to(k_cache.dtype))

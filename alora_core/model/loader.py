@@ -61,7 +61,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: DType = "auto") ->
     dev, dt = resolve_device_dtype(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=ATTN_IMPLEMENTATION)
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
     model.eval()
     model.requires_grad_(False)
     shape = model_shape(model)

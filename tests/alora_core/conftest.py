@@ -1,7 +1,7 @@
 """Fixtures for the core tests: the tiny demo model, engines over it, and the PEFT oracle."""
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,12 +69,18 @@ def oracle(demo: DemoPaths) -> PeftOracle:
 
 
 @pytest.fixture
-def make_engine(demo: DemoPaths) -> Callable[..., Engine]:
+def make_engine(demo: DemoPaths) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
     def make(**overrides: object) -> Engine:
         config = EngineConfig(model=str(demo.model), **{"num_blocks": 256, "block_size": 16, **overrides})
-        return Engine.from_config(config, adapters=demo.adapters)
+        engine = Engine.from_config(config, adapters=demo.adapters)
+        engines.append(engine)
+        return engine
 
-    return make
+    yield make
+    for engine in engines:
+        engine.close()
 
 
 @pytest.fixture

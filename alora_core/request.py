@@ -1,0 +1,60 @@
+"""A submitted request, as the scheduler tracks it, and the handle its caller holds."""
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Literal
+
+from alora_core.lora.registry import ResidentAdapter
+from alora_core.sampling import SamplingParams
+from alora_core.sequence import Sequence
+
+TokenCallback = Callable[[int], None]  # called with each sampled token id, from the scheduler's thread
+
+
+@dataclass(eq=False)
+class Request:
+    kind: Literal["generate", "intrinsic"]
+    conversation_id: str | None  # generate: always set (the engine names new conversations)
+    input_ids: list[int] | None  # intrinsic: None = the conversation's tokens + the invocation
+    params: SamplingParams
+    adapter: ResidentAdapter | None = None
+    on_token: TokenCallback | None = None
+    future: "Future[object]" = field(default_factory=Future)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    arrival: float = field(default_factory=time.perf_counter)
+    # filled in by the scheduler
+    seq: Sequence | None = None
+    cached_tokens: int = 0  # prompt tokens reused from the conversation at first admission
+    restore_point: int = 0  # generate: conversation KV still valid for its old history (undo point)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    emitted: int = 0  # tokens already passed to on_token
+    preemptions: int = 0
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class RequestHandle:
+    """What a submitter gets back: wait for the result, or cancel (the sequence stops within one step)."""
+
+    def __init__(self, request: Request, wake: Callable[[], None]) -> None:
+        self._request = request
+        self._wake = wake
+
+    def result(self, timeout: float | None = None) -> object:
+        return self._request.future.result(timeout)
+
+    def done(self) -> bool:
+        return self._request.future.done()
+
+    def cancel(self) -> None:
+        self._request.cancel_event.set()
+        self._wake()
+
+    def add_done_callback(self, fn: Callable[["Future[object]"], None]) -> None:
+        self._request.future.add_done_callback(fn)
