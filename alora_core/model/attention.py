@@ -7,10 +7,16 @@ new K/V into the pool at `slot_mapping`, then attend each sequence over its KV w
     q: [H, t, D]  ->  grouped [KVH, G*t, D]  (G = H / KVH, no K/V repeat)
     scores = concat_seg(q @ K_seg^T)  ->  causal mask  ->  softmax  ->  sum_seg(P_seg @ V_seg)
 
-No sequence's cache is ever copied: segments are views of the pool. A single-segment sequence with
-many queries (prefill) goes through torch SDPA on the same views; everything else (decode, forks
-whose blocks are in several runs) uses the grouped matmul path above.
+No sequence's cache is ever copied: segments are views of the pool. Sequences whose KV starts at
+the same pool slots (intrinsic forks of one conversation) share those keys physically, so their
+queries meet the shared prefix in one matmul and it is read from memory once per step:
+
+    shared prefix K [KVH, n, D]  <-  Q of fork 1 | fork 2 | fork 3   (rows stacked)
+
+A single-segment sequence with many queries (prefill) goes through torch SDPA on the same views.
 """
+
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +30,8 @@ ATTN_IMPLEMENTATION = "alora_paged"
 SDPA_MIN_QUERIES = 16
 # Bound on the score matrix of the grouped path (elements); queries are processed in chunks below it.
 MAX_SCORE_ELEMENTS = 1 << 24
+
+Segments = tuple[tuple[int, int], ...]
 
 
 def paged_attention_forward(
@@ -47,12 +55,23 @@ def paged_attention_forward(
     v_cache.index_copy_(1, step_batch.slot_mapping, value[0].to(v_cache.dtype))
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+    num_heads = query.shape[1]
+    out = torch.empty(query.shape[2], num_heads, query.shape[3], dtype=query.dtype, device=query.device)
+    by_first_slot: dict[int, list[tuple[slice, torch.Tensor, Segments, int]]] = defaultdict(list)
     for seq in step_batch.seqs:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         q = query[0, :, rows]  # [H, t, D]
-        o = attend(q, k_cache, v_cache, seq.kv_segments, seq.context_len - seq.query_len, scale)
-        out[rows] = o.transpose(0, 1)
+        q_offset = seq.context_len - seq.query_len
+        if _small(num_heads, seq.query_len, seq.context_len) and not _use_sdpa(
+            seq.kv_segments, seq.query_len
+        ):
+            by_first_slot[seq.kv_segments[0][0]].append((rows, q, seq.kv_segments, q_offset))
+        else:
+            out[rows] = attend(q, k_cache, v_cache, seq.kv_segments, q_offset, scale).transpose(0, 1)
+    for items in by_first_slot.values():
+        outs = _grouped_attention([(q, segs, off) for _, q, segs, off in items], k_cache, v_cache, scale)
+        for (rows, _, _, _), o in zip(items, outs, strict=True):
+            out[rows] = o.transpose(0, 1)
     return out.unsqueeze(0), None
 
 
@@ -60,7 +79,7 @@ def attend(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    segments: tuple[tuple[int, int], ...],
+    segments: Segments,
     q_offset: int,
     scale: float,
 ) -> torch.Tensor:
@@ -68,7 +87,7 @@ def attend(
     0..q_offset+t-1, stored in `segments` of the caches ([KVH, S, D]); the segments cover exactly
     q_offset+t slots. Returns [H, t, D]."""
     num_heads, t, _head_dim = q.shape
-    if len(segments) == 1 and t >= SDPA_MIN_QUERIES:
+    if _use_sdpa(segments, t):
         start, end = segments[0]
         k = k_cache[:, start:end].unsqueeze(0)  # [1, KVH, n, D] view
         v = v_cache[:, start:end].unsqueeze(0)
@@ -82,46 +101,83 @@ def attend(
                 q.unsqueeze(0), k, v, attn_mask=mask, scale=scale, enable_gqa=True
             )
         return o[0]
-
-    num_kv_heads = k_cache.shape[0]
-    groups = num_heads // num_kv_heads
-    context_len = q_offset + t
-    chunk = max(1, MAX_SCORE_ELEMENTS // (num_heads * context_len))
-    if chunk >= t:
-        return _grouped_attention(q, k_cache, v_cache, segments, q_offset, scale, groups)
+    chunk = max(1, MAX_SCORE_ELEMENTS // (num_heads * (q_offset + t)))
     parts = [
-        _grouped_attention(q[:, i : i + chunk], k_cache, v_cache, segments, q_offset + i, scale, groups)
+        _grouped_attention([(q[:, i : i + chunk], segments, q_offset + i)], k_cache, v_cache, scale)[0]
         for i in range(0, t, chunk)
     ]
-    return torch.cat(parts, dim=1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _use_sdpa(segments: Segments, t: int) -> bool:
+    return len(segments) == 1 and t >= SDPA_MIN_QUERIES
+
+
+def _small(num_heads: int, t: int, context_len: int) -> bool:
+    return num_heads * t * context_len <= MAX_SCORE_ELEMENTS
 
 
 def _grouped_attention(
-    q: torch.Tensor,
+    items: list[tuple[torch.Tensor, Segments, int]],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    segments: tuple[tuple[int, int], ...],
-    q_offset: int,
     scale: float,
-    groups: int,
-) -> torch.Tensor:
-    num_heads, t, head_dim = q.shape
-    num_kv_heads = num_heads // groups
-    num_keys = sum(e - s for s, e in segments)  # >= q_offset + t when called on a chunk of the queries
+) -> list[torch.Tensor]:
+    """Attention of several sequences (q [H, t, D], segments, q_offset) whose segments all start at the
+    same pool slot: the keys they share there are multiplied with all their queries at once."""
+    num_kv_heads = k_cache.shape[0]
+    start = items[0][1][0][0]
+    # the shared run: common to every sequence's first segment and before every sequence's queries
+    shared = min(min(segs[0][1] for _, segs, _ in items) - start, min(off for _, _, off in items))
+    k_shared = k_cache[:, start : start + shared]  # [KVH, shared, D] view
+    v_shared = v_cache[:, start : start + shared]
     # q: [H, t, D] -> [KVH, G*t, D]; row g*t + i of kv-head h is head h*G + g at query i (HF repeat_kv order).
-    qg = q.reshape(num_kv_heads, groups * t, head_dim)
-    scores = torch.cat([qg @ k_cache[:, s:e].transpose(1, 2) for s, e in segments], dim=-1) * scale
-    # scores: [KVH, G*t, num_keys]; query i sits at position q_offset + i and sees keys 0..q_offset+i
-    if t > 1 or q_offset + t < num_keys:
-        allowed = torch.ones(t, num_keys, dtype=torch.bool, device=q.device).tril(q_offset)
-        scores = scores.masked_fill(~allowed.repeat(groups, 1), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype)
-    out = torch.zeros(num_kv_heads, groups * t, head_dim, dtype=v_cache.dtype, device=q.device)
-    offset = 0
+    qgs = [q.reshape(num_kv_heads, -1, q.shape[-1]) for q, _, _ in items]
+    shared_scores = torch.cat(qgs, dim=1) @ k_shared.transpose(1, 2) * scale  # [KVH, rows, shared]
+
+    outs, shared_probs, row = [], [], 0
+    for (q, segments, q_offset), qg in zip(items, qgs, strict=True):
+        rows, t = qg.shape[1], q.shape[1]
+        rest = _skip(segments, shared)
+        scores = torch.cat(
+            [
+                shared_scores[:, row : row + rows],
+                *[qg @ k_cache[:, s:e].transpose(1, 2) * scale for s, e in rest],
+            ],
+            dim=-1,
+        )  # [KVH, G*t, num_keys]; query i sits at position q_offset + i and sees keys 0..q_offset+i
+        num_keys = scores.shape[-1]
+        if t > 1 or q_offset + t < num_keys:
+            allowed = torch.ones(t, num_keys, dtype=torch.bool, device=q.device).tril(q_offset)
+            scores = scores.masked_fill(~allowed.repeat(rows // t, 1), float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype)
+        shared_probs.append(probs[..., :shared])
+        out = torch.zeros(num_kv_heads, rows, q.shape[-1], dtype=v_cache.dtype, device=q.device)
+        offset = shared
+        for s, e in rest:
+            out += probs[..., offset : offset + e - s] @ v_cache[:, s:e]
+            offset += e - s
+        outs.append(out)
+        row += rows
+    shared_out = torch.cat(shared_probs, dim=1) @ v_shared  # the shared prefix's values, read once
+    result, row = [], 0
+    for (q, _, _), out in zip(items, outs, strict=True):
+        rows = out.shape[1]
+        result.append((out + shared_out[:, row : row + rows]).reshape(q.shape).to(q.dtype))
+        row += rows
+    return result
+
+
+def _skip(segments: Segments, n: int) -> Segments:
+    """The segments without their first n slots."""
+    rest: list[tuple[int, int]] = []
     for s, e in segments:
-        out += probs[..., offset : offset + e - s] @ v_cache[:, s:e]
-        offset += e - s
-    return out.reshape(num_heads, t, head_dim).to(q.dtype)
+        if n >= e - s:
+            n -= e - s
+            continue
+        rest.append((s + n, e))
+        n = 0
+    return tuple(rest)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

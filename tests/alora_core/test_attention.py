@@ -38,3 +38,32 @@ def test_attend_over_segments(t: int, pieces: int, chunked: bool, monkeypatch: p
     out = attention.attend(q, cache_k, cache_v, segments, n - t, 0.3)
 
     torch.testing.assert_close(out, reference(q, k, v, n - t, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_forks_sharing_a_prefix_are_attended_together() -> None:
+    """Several sequences whose KV starts at the same slots (forks): one matmul over the shared keys."""
+    gen = torch.Generator().manual_seed(7)
+    kvh, heads, dim = 2, 4, 8
+    cache_k = torch.randn(kvh, 300, dim, generator=gen)
+    cache_v = torch.randn(kvh, 300, dim, generator=gen)
+    prefix = (10, 74)  # 64 shared slots
+    forks = [
+        ((10, 80),),  # its own block right after the prefix: one merged segment
+        (prefix, (200, 203)),
+        (prefix, (150, 166), (120, 125)),
+        ((10, 42), (240, 246)),  # shares only the first 32 slots
+    ]
+    items, expected = [], []
+    for i, segments in enumerate(forks):
+        n = sum(e - s for s, e in segments)
+        t = 1 if i % 2 else 3
+        q = torch.randn(heads, t, dim, generator=gen)
+        items.append((q, segments, n - t))
+        k = torch.cat([cache_k[:, s:e] for s, e in segments], dim=1)
+        v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
+        expected.append(reference(q, k, v, n - t, 0.25))
+
+    outs = attention._grouped_attention(items, cache_k, cache_v, 0.25)
+
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,266 @@
+"""Batching benchmark: 16 agent conversations at once, base turns and intrinsic fan-out in mixed batches.
+
+Workload per conversation (its 2048-token history already cached, as for a live agent):
+    generate(user turn + 32 tokens) -> 3 intrinsics as one fan-out -> generate(user turn + 32 tokens)
+Configurations, in one run, on the bench model of bench_core.py (CPU, float32):
+    batched   this engine, continuous batching (16 client threads, fan-out submitted together)
+    batch1    the same engine with max_num_seqs = 1
+    peft      sequential PEFT / HF generate, reusing each conversation's base DynamicCache where PEFT allows
+              (base turns continue the cache; aLoRA intrinsics run on the invocation over a copy of it)
+Also: fan-out of 4 intrinsics on one 8192-token conversation versus a single intrinsic.
+
+Targets: batched >= 4x PEFT and >= 3x batch1 output tokens/s; batched p50 intrinsic TTFT <= batch1's;
+fan-out(4) latency <= 1.5x single. Prints a table, writes JSON.
+
+    python -m loadtest.bench_batching [--conversations 16] [--history 2048] [--out FILE]
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from alora_core import Engine, EngineConfig, SamplingParams
+from loadtest.bench_core import build_assets, crop
+
+INTRINSICS = ("alora", "alora2", "alora")  # three aLoRA intrinsics per fan-out (two adapters)
+TURN_TOKENS = 32
+INTRINSIC_TOKENS = 4
+USER_TURN = 16
+
+
+def history(seed: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 1900, (n,), generator=g).tolist()
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def agent(engine: Engine, conv: str, seed: int, ttfts: dict[str, list[float]], tokens: list[int]) -> None:
+    turn = SamplingParams(max_tokens=TURN_TOKENS, ignore_eos=True)
+    intrinsic = SamplingParams(max_tokens=INTRINSIC_TOKENS, ignore_eos=True)
+    for i in range(2):
+        ids = engine.conversation_tokens(conv) + history(seed * 10 + i, USER_TURN)
+        r = engine.generate(conv, ids, turn)
+        ttfts["generate"].append(r.ttft_s)
+        tokens.append(len(r.token_ids))
+        if i == 0:  # the fan-out: all three submitted at once, like POST /intrinsics
+            handles = [engine.submit_intrinsic(name, conv, None, intrinsic) for name in INTRINSICS]
+            for h in handles:
+                res = h.result()
+                ttfts["intrinsic"].append(res.ttft_s)
+                tokens.append(len(res.token_ids))
+
+
+def run_engine(engine: Engine, convs: list[str], max_num_seqs: int) -> dict:
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, max_num_seqs=max_num_seqs)
+    ttfts: dict[str, list[float]] = {"generate": [], "intrinsic": []}
+    tokens: list[int] = []
+    threads = [
+        threading.Thread(target=agent, args=(engine, c, 1000 + i + 100 * max_num_seqs, ttfts, tokens))
+        for i, c in enumerate(convs)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return summarize(sum(tokens), elapsed, ttfts)
+
+
+def summarize(tokens: int, elapsed: float, ttfts: dict[str, list[float]]) -> dict:
+    out = {"output_tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed}
+    for endpoint, values in ttfts.items():
+        out[f"{endpoint}_ttft_p50_s"] = statistics.median(values)
+        out[f"{endpoint}_ttft_p99_s"] = percentile(values, 0.99)
+    return out
+
+
+@torch.inference_mode()
+def run_peft(
+    base, aloras: dict[str, PeftModel], invocations: dict[str, list[int]], convs: int, n: int
+) -> dict:
+    """Sequential PEFT: base turns continue each conversation's DynamicCache; intrinsics reuse a copy of it."""
+    ttfts: dict[str, list[float]] = {"generate": [], "intrinsic": []}
+    tokens = 0
+    caches, histories = [], []
+    for i in range(convs):  # warm-up (not timed): each conversation's history in its own base cache
+        ids = history(i, n)
+        cache = DynamicCache(config=base.config)
+        base(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True)
+        caches.append(cache)
+        histories.append(ids)
+    t0 = time.perf_counter()
+    for i in range(convs):
+        for turn in range(2):
+            ids = histories[i] + history(i * 10 + turn, USER_TURN)
+            start = time.perf_counter()
+            new, first = greedy(base, ids, caches[i], TURN_TOKENS, None)
+            ttfts["generate"].append(first - start)
+            tokens += len(new)
+            histories[i] = ids + new
+            crop(caches[i], len(histories[i]) - 1)
+            if turn == 0:
+                for name in INTRINSICS:
+                    start = time.perf_counter()
+                    new, first = greedy(
+                        aloras[name], histories[i] + invocations[name], caches[i], INTRINSIC_TOKENS, True
+                    )
+                    crop(caches[i], len(histories[i]) - 1)  # PEFT appended the adapter's KV: cut it off again
+                    ttfts["intrinsic"].append(first - start)
+                    tokens += len(new)
+    return summarize(tokens, time.perf_counter() - t0, ttfts)
+
+
+def greedy(
+    model, ids: list[int], cache: DynamicCache, steps: int, alora: bool | None
+) -> tuple[list[int], float]:
+    """Greedy decode continuing `cache` (which holds ids[:cached]); returns (new tokens, time of the first)."""
+    cached = cache.get_seq_length()
+    feed = torch.tensor([ids[cached:]])
+    kwargs = {}
+    out: list[int] = []
+    first = 0.0
+    for step in range(steps):
+        if alora and step > 0:  # PEFT finds the invocation in the first feed itself; later tokens all adapt
+            kwargs["alora_offsets"] = [1]
+        logits = model(input_ids=feed, past_key_values=cache, use_cache=True, **kwargs).logits
+        token = int(logits[0, -1].argmax())
+        if step == 0:
+            first = time.perf_counter()
+        out.append(token)
+        feed = torch.tensor([[token]])
+    return out, first
+
+
+def fan_out(engine: Engine, n: int, repeats: int) -> dict:
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, max_num_seqs=64)
+    engine.generate("fan", history(99, n), SamplingParams(max_tokens=1, ignore_eos=True))
+    params = SamplingParams(max_tokens=INTRINSIC_TOKENS, ignore_eos=True)
+
+    def single() -> float:
+        t0 = time.perf_counter()
+        engine.intrinsic("alora", "fan", None, params)
+        return time.perf_counter() - t0
+
+    def four() -> float:
+        t0 = time.perf_counter()
+        handles = [engine.submit_intrinsic(name, "fan", None, params) for name in ("alora", "alora2") * 2]
+        for h in handles:
+            h.result()
+        return time.perf_counter() - t0
+
+    one = statistics.median(single() for _ in range(repeats))
+    many = statistics.median(four() for _ in range(repeats))
+    return {"n": n, "single_s": one, "fan_out_4_s": many, "ratio": many / one}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--peft-conversations", type=int, default=4, help="sequential: tokens/s needs few")
+    parser.add_argument("--history", type=int, default=2048)
+    parser.add_argument("--fan-out-history", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
+    parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_batching.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model_dir, adapter_dirs = build_assets(args.assets)
+    adapter_dirs = {**adapter_dirs, "alora2": adapter_dirs["alora"]}  # same weights, own slot and name
+    engine = Engine.from_config(
+        EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_num_batched_tokens=512),
+        {k: v for k, v in adapter_dirs.items() if k != "lora"},
+    )
+    convs = [f"agent{i}" for i in range(args.conversations)]
+    t0 = time.perf_counter()
+    for i, c in enumerate(convs):  # warm-up (not timed): each conversation's history cached
+        engine.generate(c, history(i, args.history), SamplingParams(max_tokens=1, ignore_eos=True))
+    print(f"warm-up: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    results = {"batch1": run_engine(engine, convs, 1)}
+    print("batch1 done", file=sys.stderr, flush=True)
+    results["batched"] = run_engine(engine, convs, 64)
+    print("batched done", file=sys.stderr, flush=True)
+    fan = fan_out(engine, args.fan_out_history, repeats=3)
+    print("fan-out done", file=sys.stderr, flush=True)
+    engine.close()
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    alora = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), str(adapter_dirs["alora"])
+    ).eval()
+    invocations = {
+        name: list(alora.peft_config["default"].alora_invocation_tokens) for name in ("alora", "alora2")
+    }
+    results["peft"] = run_peft(
+        base, {"alora": alora, "alora2": alora}, invocations, args.peft_conversations, args.history
+    )
+
+    checks = report(results, fan)
+    machine = {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"machine": machine, "results": results, "fan_out": fan, "checks": checks}, indent=2)
+    )
+    print(f"\nJSON: {args.out}")
+    sys.exit(0 if all(c["ok"] for c in checks) else 1)
+
+
+def report(results: dict, fan: dict) -> list[dict]:
+    print(
+        f"\n{'config':>8} | {'tokens/s':>9} | {'gen TTFT p50':>12} | {'gen TTFT p99':>12} | {'intr TTFT p50':>13} | {'intr TTFT p99':>13}"
+    )
+    print("-" * 84)
+    for name, r in results.items():
+        print(
+            f"{name:>8} | {r['tokens_per_s']:>9.1f} | {r['generate_ttft_p50_s'] * 1e3:>9.0f} ms | "
+            f"{r['generate_ttft_p99_s'] * 1e3:>9.0f} ms | {r['intrinsic_ttft_p50_s'] * 1e3:>10.0f} ms | "
+            f"{r['intrinsic_ttft_p99_s'] * 1e3:>10.0f} ms"
+        )
+    print(
+        f"\nfan-out at N={fan['n']}: single {fan['single_s'] * 1e3:.0f} ms, 4 in one call {fan['fan_out_4_s'] * 1e3:.0f} ms"
+    )
+    b, one, p = results["batched"], results["batch1"], results["peft"]
+    checks = [
+        {
+            "check": "batched >= 4x PEFT tokens/s",
+            "value": b["tokens_per_s"] / p["tokens_per_s"],
+            "ok": b["tokens_per_s"] >= 4 * p["tokens_per_s"],
+        },
+        {
+            "check": "batched >= 3x batch1 tokens/s",
+            "value": b["tokens_per_s"] / one["tokens_per_s"],
+            "ok": b["tokens_per_s"] >= 3 * one["tokens_per_s"],
+        },
+        {
+            "check": "batched p50 intrinsic TTFT <= batch1's",
+            "value": b["intrinsic_ttft_p50_s"] / one["intrinsic_ttft_p50_s"],
+            "ok": b["intrinsic_ttft_p50_s"] <= one["intrinsic_ttft_p50_s"],
+        },
+        {"check": "fan-out of 4 <= 1.5x single intrinsic", "value": fan["ratio"], "ok": fan["ratio"] <= 1.5},
+    ]
+    print("\ntargets:")
+    for c in checks:
+        print(f"  [{'PASS' if c['ok'] else 'FAIL'}] {c['check']}: {c['value']:.2f}")
+    return checks
+
+
+if __name__ == "__main__":
+    main()
