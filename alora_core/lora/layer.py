@@ -4,23 +4,47 @@
     y[t] += s_a B_a A_a x[t]          for every row t whose adapter slot a = idx[t] >= 0
 
 The slot of each row comes from the step's LoraBatch in the shared ForwardContext, so one forward
-serves base, LoRA and aLoRA rows together.
+serves base, LoRA and aLoRA rows together. On CPU the delta is the torch reference (ops.py). On
+CUDA (decided once, when the wrapper is built) the wrappers of one attention or MLP block that read
+the same x form a `SharedInputGroup`: the first of them called runs every member's base layer and
+one fused Triton shrink + expand for all of them (triton_ops.py); the others return their output
+when the model calls them with that same x.
+
+    q_proj(x) -> [q, k, v base GEMMs] -> shrink + expand over q|k|v -> q   (k, v kept for their calls)
+    k_proj(x) -> k
+    v_proj(x) -> v
 """
+
+import importlib.util
+import logging
 
 import torch
 from torch import nn
 
 from alora_core.lora.adapters import LoraWeights
 from alora_core.lora.ops import masked_lora_reference
-from alora_core.model.batch import ForwardContext
+from alora_core.model.batch import ForwardContext, LoraBatch
+
+log = logging.getLogger(__name__)
+
+# Sibling linears that HF decoder blocks call on the same input tensor.
+SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def lora_kernel_available(device: torch.device) -> bool:
+    """The fused Triton path serves CUDA layers when triton is installed; the rest use the torch reference."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 class MaskedLoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, ctx: ForwardContext) -> None:
+    def __init__(self, base_layer: nn.Linear, ctx: ForwardContext, use_kernel: bool | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.ctx = ctx
         self.slots: dict[int, LoraWeights] = {}
+        device = base_layer.weight.device
+        self.use_kernel = lora_kernel_available(device) if use_kernel is None else use_kernel
+        self.group: SharedInputGroup | None = None  # set by install() on the kernel path
 
     @property
     def in_features(self) -> int:
@@ -30,9 +54,25 @@ class MaskedLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def set_slot(self, slot: int, weights: LoraWeights) -> None:
+        """Install an adapter's weights for this layer under `slot` (and into the group's stack)."""
+        if not self.use_kernel and weights.a.device != self.base_layer.weight.device:
+            device = self.base_layer.weight.device
+            weights = LoraWeights(weights.a.to(device), weights.b.to(device), weights.scale)
+        self.slots[slot] = weights
+        if self.group is not None:
+            self.group.stack.put(slot, self.group.index(self), weights)
+
+    def clear_slot(self, slot: int) -> None:
+        self.slots.pop(slot, None)
+        if self.group is not None:
+            self.group.stack.drop(slot, self.group.index(self))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         batch = self.ctx.batch
+        if self.group is not None and batch is not None and batch.lora is not None:
+            return self.group.forward(self, x, batch.lora)
+        y = self.base_layer(x)
         if batch is None or batch.lora is None or not self.slots:
             return y
         masked_lora_reference(
@@ -42,6 +82,71 @@ class MaskedLoRALinear(nn.Module):
             self.slots,
         )
         return y
+
+
+class SharedInputGroup:
+    """Wrapped linears of one block that read the same input, with their adapters in one LoraStack.
+
+    `slots` of the members stay the source of truth (host copies on this path); the stack is their
+    device copy, rebuilt when a member joins and patched in place on load and unload.
+    """
+
+    def __init__(self, members: list[MaskedLoRALinear]) -> None:
+        from alora_core.lora.triton_ops import LoraStack
+
+        weight = members[0].base_layer.weight
+        self.members = members
+        self.stack = LoraStack(
+            members[0].in_features, [m.out_features for m in members], weight.dtype, weight.device
+        )
+        for i, member in enumerate(members):
+            member.group = self
+            for slot, weights in member.slots.items():
+                self.stack.put(slot, i, weights)
+        # cleared if the model turns out to call them on different inputs
+        self.shares_input = len(members) > 1
+        self._x: torch.Tensor | None = None  # input of the outputs below (held, so identity is reliable)
+        self._lora: LoraBatch | None = None
+        self._pending: dict[int, torch.Tensor] = {}  # member index -> output its call has not taken yet
+
+    def index(self, member: MaskedLoRALinear) -> int:
+        return next(i for i, m in enumerate(self.members) if m is member)
+
+    def forward(self, member: MaskedLoRALinear, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+        from alora_core.lora.triton_ops import masked_lora_triton, token_blocks
+
+        i = self.index(member)
+        if self._pending:
+            if x is self._x and lora is self._lora and i in self._pending:
+                y = self._pending.pop(i)
+                if not self._pending:
+                    self._x = self._lora = None
+                return y
+            if i in self._pending:  # called again before this output was taken: inputs are not shared
+                log.warning("linears %s do not share their input: serving them one by one", self._shapes())
+                self.shares_input = False
+            self._pending.clear()
+            self._x = self._lora = None
+
+        tokens = token_blocks(lora)
+        if tokens.slots.isdisjoint(self.stack.slots):
+            return member.base_layer(x)  # no row of this step uses an adapter of this group
+        serve = list(range(len(self.members))) if self.shares_input else [i]
+        ys = {j: self.members[j].base_layer(x) for j in serve}
+        masked_lora_triton(
+            [ys[j].view(-1, self.members[j].out_features) for j in serve],
+            x.reshape(-1, member.in_features),
+            tokens,
+            self.stack,
+            first_slice=serve[0],
+        )
+        y = ys.pop(i)
+        if ys:
+            self._x, self._lora, self._pending = x, lora, ys
+        return y
+
+    def _shapes(self) -> str:
+        return ", ".join(f"{m.in_features}->{m.out_features}" for m in self.members)
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -55,7 +160,9 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def install(model: nn.Module, module_name: str, ctx: ForwardContext) -> MaskedLoRALinear:
+def install(
+    model: nn.Module, module_name: str, ctx: ForwardContext, use_kernel: bool | None = None
+) -> MaskedLoRALinear:
     """Wrap `module_name` once (idempotent) and return its wrapper."""
     module = model.get_submodule(module_name)
     if isinstance(module, MaskedLoRALinear):
@@ -64,6 +171,22 @@ def install(model: nn.Module, module_name: str, ctx: ForwardContext) -> MaskedLo
         raise TypeError(f"{module_name} is a {type(module).__name__}, not an nn.Linear")
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapper = MaskedLoRALinear(module, ctx)
+    wrapper = MaskedLoRALinear(module, ctx, use_kernel)
     setattr(parent, child, wrapper)
+    if wrapper.use_kernel:
+        _regroup(parent, child)
     return wrapper
+
+
+def _regroup(parent: nn.Module, child: str) -> None:
+    """(Re)build the SharedInputGroup of `child` from its wrapped siblings that read the same input."""
+    names = next((group for group in SHARED_INPUT_NAMES if child in group), (child,))
+    new = getattr(parent, child)
+    members = [
+        m
+        for name in names
+        if isinstance(m := getattr(parent, name, None), MaskedLoRALinear)
+        and m.use_kernel
+        and m.in_features == new.in_features
+    ]
+    SharedInputGroup(members)

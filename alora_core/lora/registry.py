@@ -1,7 +1,9 @@
 """Resident adapters: each loaded adapter owns a slot index used in the per-token adapter index.
 
 Loading installs a MaskedLoRALinear on each target module (once) and puts the adapter's A, B and
-scale into that wrapper under the adapter's slot; unloading removes them and frees the slot.
+scale into that wrapper under the adapter's slot; unloading removes them and frees the slot. On the
+fused CUDA path the wrappers copy the weights into their group's stacked device buffers, so they
+are read into host memory first: the device holds one copy.
 """
 
 import logging
@@ -15,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from alora_core.errors import AdapterConflictError, AdapterLoadError, UnknownAdapterError
 from alora_core.lora.adapters import AdapterSpec, read_adapter
-from alora_core.lora.layer import MaskedLoRALinear, install, linear_shapes
+from alora_core.lora.layer import MaskedLoRALinear, install, linear_shapes, lora_kernel_available
 from alora_core.model.batch import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class AdapterRegistry:
         self._max_adapters = max_adapters
         self._dtype = dtype
         self._device = device
+        # where read weights live: the kernel path stacks them on the device itself
+        self._weights_device = torch.device("cpu") if lora_kernel_available(device) else device
         self._by_name: dict[str, ResidentAdapter] = {}
         self._lock = threading.Lock()
 
@@ -51,7 +55,7 @@ class AdapterRegistry:
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise AdapterLoadError(f"adapter name {name!r} must be non-empty: letters, digits, '-', '_', '.'")
         spec = read_adapter(
-            name, path, self._tokenizer, linear_shapes(self._model), self._dtype, self._device
+            name, path, self._tokenizer, linear_shapes(self._model), self._dtype, self._weights_device
         )
         with self._lock:
             existing = self._by_name.get(name)
@@ -68,7 +72,7 @@ class AdapterRegistry:
                 raise AdapterLoadError(f"all {self._max_adapters} adapter slots are in use")
             resident = ResidentAdapter(spec=spec, slot=free[0])
             for module_name, weights in spec.weights.items():
-                install(self._model, module_name, self._ctx).slots[resident.slot] = weights
+                install(self._model, module_name, self._ctx).set_slot(resident.slot, weights)
             self._by_name[name] = resident
         log.info(
             "adapter %s: %s rank %d on %s (slot %d)%s",
@@ -91,7 +95,7 @@ class AdapterRegistry:
             for module_name in resident.spec.weights:
                 wrapper = self._model.get_submodule(module_name)
                 assert isinstance(wrapper, MaskedLoRALinear)
-                wrapper.slots.pop(resident.slot, None)
+                wrapper.clear_slot(resident.slot)
 
     def get(self, name: str) -> ResidentAdapter:
         resident = self._by_name.get(name)
