@@ -5,6 +5,7 @@ and PEFT adapters (aLoRA, legacy aLoRA, plain LoRA) with non-zero weights. No hu
     OUT/adapters/certainty/          aLoRA, `alora_invocation_tokens` (PEFT >= 0.18 format)
     OUT/adapters/answerability/      aLoRA, legacy `invocation_string` only (older IBM format)
     OUT/adapters/rewrite/            plain LoRA, attention + MLP targets
+    OUT/adapters/*/alora_output.json output-format sidecar the service parses `result` with
 
 The weights are random: outputs are gibberish, but every code path and parity check is real.
 Command: `alora-make-demo OUT [--preset tiny|bench]`.
@@ -89,6 +90,17 @@ ADAPTERS = (
     ),
     AdapterRecipe("rewrite", "lora", None, ("q_proj", "v_proj", "o_proj", "down_proj")),
 )
+
+
+# Output-format sidecars (read by the service, see README "Adapter output formats"). Bump
+# DEMO_VERSION whenever the written tree changes, so existing trees are rewritten.
+DEMO_VERSION = 2
+OUTPUT_FORMAT_FILE = "alora_output.json"
+OUTPUT_FORMATS: dict[str, dict[str, object]] = {
+    "certainty": {"type": "number", "minimum": 0, "maximum": 1},
+    "answerability": {"type": "labels", "labels": ["answerable", "unanswerable"]},
+    "rewrite": {"type": "json"},
+}
 
 
 @dataclass(frozen=True)
@@ -187,7 +199,7 @@ def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> D
     root = Path(out_dir)
     paths = DemoPaths(root, root / "model", {a.name: root / "adapters" / a.name for a in ADAPTERS})
     marker = root / ".complete"
-    if marker.exists() and marker.read_text() == f"{preset}:{seed}":
+    if marker.exists() and marker.read_text() == f"{preset}:{seed}:v{DEMO_VERSION}":
         return paths
     spec = PRESETS[preset]
     tokenizer = build_tokenizer(spec.tokenizer_vocab, seed)
@@ -198,7 +210,11 @@ def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> D
         write_adapter(
             paths.model, recipe, tokenizer, spec.adapter_rank, paths.adapters[recipe.name], seed + 1 + i
         )
-    marker.write_text(f"{preset}:{seed}")
+        output_format = OUTPUT_FORMATS[recipe.name]
+        (paths.adapters[recipe.name] / OUTPUT_FORMAT_FILE).write_text(
+            json.dumps(output_format, indent=2) + "\n"
+        )
+    marker.write_text(f"{preset}:{seed}:v{DEMO_VERSION}")
     return paths
 
 

@@ -1,0 +1,97 @@
+"""The FastAPI app: `create_app(settings)` wires middleware, routers and error handlers; the lifespan
+loads the model and adapters (the offline demo without --model) and, on shutdown, waits for every
+engine call still running.
+
+    RequestTracking (in-flight, metrics) -> BodyGuard (size, UTF-8) -> routers -> EngineRunner -> Engine
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.auth import Authenticator
+from service.deps import ServiceState
+from service.errors import install_error_handlers
+from service.loading import build_engine, load_output_formats, resolve_sources
+from service.metrics import Metrics
+from service.middleware import BodyGuard, Drain, RequestTracking
+from service.routers import adapters, conversations, generate, health, intrinsic
+from service.runner import EngineRunner
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve a base causal LM plus LoRA and Activated-LoRA (aLoRA) adapters ("intrinsics") on reusable
+per-conversation KV caches. Errors always have the body `{"error": {"message", "type", "code"}}`.
+With API keys configured, send `Authorization: Bearer <key>`; conversations are private to a key.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if settings.redis_url:
+        log.warning("--redis-url is set, but this release keeps caches in process only: Redis is not used")
+    sources = await anyio.to_thread.run_sync(resolve_sources, settings)
+    engine = await anyio.to_thread.run_sync(build_engine, settings, sources)
+    # threads for every request the engine can run or queue, and a few more: past that it answers 429
+    runner = EngineRunner(max_concurrent_calls=engine.config.max_num_seqs + engine.config.max_waiting + 16)
+    app.state.service = ServiceState(engine=engine, runner=runner, output_formats=load_output_formats(engine))
+    names = ", ".join(f"{a.spec.name} ({a.spec.kind})" for a in engine.adapters.all()) or "none"
+    log.info(
+        "serving %s%s with adapters: %s",
+        sources.model,
+        " (DEMO, random weights)" if sources.demo else "",
+        names,
+    )
+    yield
+    app.state.drain.start()
+    if runner.running:
+        log.info("shutdown: waiting for %d engine call(s) still running", runner.running)
+    await runner.wait_idle()
+    await anyio.to_thread.run_sync(engine.close)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="alora-serve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.auth = Authenticator(settings.api_keys())
+    app.state.metrics = Metrics()
+    app.state.drain = Drain()
+    install_error_handlers(app)
+    # add_middleware puts each new one outside the previous: tracking is the outermost
+    app.add_middleware(BodyGuard, max_bytes=int(settings.max_request_bytes))
+    app.add_middleware(RequestTracking, drain=app.state.drain, metrics=app.state.metrics)
+    for module in (generate, intrinsic, adapters, conversations, health):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, less its default 422 validation responses: validation errors are 400s with
+    the one error body here (see service.errors), and a 422 means a missing aLoRA invocation."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                default_422 = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in str(default_422):
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

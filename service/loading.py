@@ -1,0 +1,83 @@
+"""What the service loads at startup: the model and adapters the settings name, or the offline demo.
+
+--model M  [--adapter N=P ...] [--adapters-dir D]  -> M, adapters from both
+no --model                                         -> demo built once under --cache-dir,
+                                                      with the demo's adapters dir
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from alora_core import Engine, EngineConfig
+from alora_core.errors import AdapterLoadError
+from alora_core.fixtures import write_demo
+from service.outputs import JsonFormat, LabelsFormat, NumberFormat, load_output_format
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_SUBDIR = "demo"
+ADAPTER_CONFIG = "adapter_config.json"
+
+OutputFormats = dict[str, LabelsFormat | NumberFormat | JsonFormat | None]
+
+
+@dataclass(frozen=True)
+class Sources:
+    model: str
+    adapters: dict[str, Path]
+    demo: bool  # the random-weight offline demo
+
+
+def resolve_sources(settings: Settings) -> Sources:
+    model = settings.model
+    adapters_dir = settings.adapters_dir
+    demo = model is None
+    if model is None:
+        paths = write_demo(settings.cache_dir / DEMO_SUBDIR, preset="tiny")
+        model = str(paths.model)
+        adapters_dir = adapters_dir or paths.root / "adapters"
+        log.warning(
+            "no --model given: serving the offline DEMO model from %s. Its weights are RANDOM: "
+            "outputs are meaningless text, but every code path (KV reuse, aLoRA, LoRA) is real. "
+            "Pass --model DIR (and --adapter / --adapters-dir) to serve a real model.",
+            paths.root,
+        )
+    adapters = discover_adapters(adapters_dir) if adapters_dir is not None else {}
+    for name, path in settings.adapter.items():
+        if name in adapters and adapters[name] != path:
+            raise AdapterLoadError(
+                f"adapter {name!r} is given twice: --adapter {path} and {adapters[name]} in --adapters-dir"
+            )
+        adapters[name] = path
+    return Sources(model=model, adapters=adapters, demo=demo)
+
+
+def discover_adapters(adapters_dir: Path) -> dict[str, Path]:
+    """Each subdirectory holding an adapter_config.json is an adapter named after the folder."""
+    if not adapters_dir.is_dir():
+        raise AdapterLoadError(f"--adapters-dir {adapters_dir} is not a directory")
+    found = {d.name: d for d in sorted(adapters_dir.iterdir()) if (d / ADAPTER_CONFIG).is_file()}
+    if not found:
+        log.warning(
+            "--adapters-dir %s holds no adapter (no subdirectory with %s)", adapters_dir, ADAPTER_CONFIG
+        )
+    return found
+
+
+def build_engine(settings: Settings, sources: Sources) -> Engine:
+    config = EngineConfig(
+        model=sources.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        block_size=settings.block_size,
+        kv_cache_bytes=int(settings.kv_cache_bytes),
+        max_model_len=settings.max_model_len,
+        max_conversations=settings.max_conversations,
+    )
+    return Engine.from_config(config, adapters=dict(sources.adapters))
+
+
+def load_output_formats(engine: Engine) -> OutputFormats:
+    return {a.spec.name: load_output_format(a.spec.path) for a in engine.adapters.all()}

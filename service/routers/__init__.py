@@ -1,0 +1,21 @@
+"""One router per resource: generate, intrinsic, adapters, conversations, health (+ready, metrics)."""
+
+from typing import Any
+
+from service.schemas import ErrorResponse
+
+_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON, wrong types, bad values, missing or extra input forms.",
+    401: "Missing or invalid API key.",
+    404: "Unknown adapter or conversation.",
+    409: "The conversation has a request in progress in the engine.",
+    413: "Request body over --max-request-bytes, or context longer than the model maximum.",
+    422: "aLoRA input without the adapter's invocation sequence.",
+    429: "The engine's queue is full: retry after the Retry-After seconds.",
+    503: "KV cache exhausted by other live requests (retry later), or the service is draining.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can return (all with the one error body)."""
+    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}

@@ -1,0 +1,34 @@
+"""GET /adapters: the adapters this service runs."""
+
+from fastapi import APIRouter
+
+from service.deps import StateDep, TenantDep
+from service.routers import error_responses
+from service.schemas import AdapterInfo, AdapterList
+
+router = APIRouter(tags=["adapters"])
+
+
+@router.get(
+    "/adapters",
+    response_model=AdapterList,
+    responses=error_responses(401),
+    summary="List the loaded adapters",
+)
+async def list_adapters(state: StateDep, tenant: TenantDep) -> AdapterList:
+    adapters = []
+    for resident in state.engine.adapters.all():
+        spec = resident.spec
+        adapters.append(
+            AdapterInfo(
+                name=spec.name,
+                kind=spec.kind,
+                rank=spec.rank,
+                alpha=spec.alpha,
+                target_modules=list(spec.target_modules),
+                invocation_tokens=list(spec.invocation_tokens) if spec.invocation_tokens else None,
+                invocation_text=spec.invocation_text,
+                output_format=state.output_formats.get(spec.name),
+            )
+        )
+    return AdapterList(adapters=adapters)

@@ -1,0 +1,38 @@
+"""Probes and metrics, never behind auth: GET /health (alive), /ready (serving), /metrics."""
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import DrainDep, MetricsDep
+from service.schemas import HealthStatus, ReadyStatus
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthStatus, summary="Liveness: the process answers")
+async def health() -> HealthStatus:
+    return HealthStatus()
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyStatus,
+    responses={503: {"model": ReadyStatus, "description": "Draining after SIGTERM: send no new traffic."}},
+    summary="Readiness: model loaded and not draining",
+)
+async def ready(drain: DrainDep) -> ReadyStatus | JSONResponse:
+    # the server only listens once the lifespan has loaded the model, so "loaded" needs no check
+    if drain.draining:
+        return JSONResponse(ReadyStatus(status="draining").model_dump(), status_code=503)
+    return ReadyStatus(status="ready")
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    summary="Prometheus metrics (text exposition format)",
+)
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,71 @@
+"""POST /intrinsic/{name}: run an adapter on a conversation (or a given input) without changing it."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from alora_core import GenerationResult
+from service.deps import EngineDep, MetricsDep, RunnerDep, StateDep, TenantDep
+from service.inputs import encode_input, public_ids, with_invocation
+from service.outputs import ParsedOutput, parse_output
+from service.routers import error_responses
+from service.runner import TokenCallback
+from service.schemas import IntrinsicRequest, IntrinsicResponse, Usage
+
+router = APIRouter(tags=["intrinsic"])
+
+AdapterName = Annotated[
+    str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$", description="A loaded adapter (see GET /adapters).")
+]
+
+
+@router.post(
+    "/intrinsic/{name}",
+    response_model=IntrinsicResponse,
+    responses=error_responses(400, 401, 404, 413, 422, 429, 503),
+    summary="Run an adapter (intrinsic) on a conversation",
+)
+async def intrinsic(
+    name: AdapterName,
+    body: IntrinsicRequest,
+    engine: EngineDep,
+    runner: RunnerDep,
+    state: StateDep,
+    tenant: TenantDep,
+    metrics: MetricsDep,
+) -> IntrinsicResponse:
+    """Context = the input if given, else the conversation's tokens; the adapter's invocation is
+    appended unless the context already contains it. An aLoRA reuses the conversation's cached base
+    KV up to its invocation; a plain LoRA recomputes the whole context. The conversation is never
+    changed. `result` holds the output parsed per the adapter's output format, if it declares one."""
+    adapter = engine.adapters.get(name)  # unknown -> 404 before any work
+    conversation_id = body.conversation_id
+    key = tenant.key(conversation_id) if conversation_id is not None else None
+    params = body.sampling_params()
+
+    def call(on_token: TokenCallback | None) -> GenerationResult:
+        with public_ids(key, conversation_id):
+            input_ids = encode_input(engine.tokenizer, body, generation_prompt=False)
+            if not body.add_invocation and input_ids is None and key is not None:
+                input_ids = engine.conversation_tokens(key)  # as is: the engine checks the invocation
+            if body.add_invocation and input_ids is not None:
+                input_ids = with_invocation(input_ids, adapter.spec.invocation_tokens)
+            return engine.intrinsic(name, key, input_ids, params, on_token)
+
+    result = await runner.call(key, False, call)
+    metrics.record("intrinsic", result)
+    output_format = state.output_formats.get(name)
+    parsed = parse_output(output_format, result.text) if output_format is not None else ParsedOutput()
+    return IntrinsicResponse(
+        name=name,
+        conversation_id=conversation_id,
+        text=result.text,
+        token_ids=result.token_ids,
+        finish_reason=result.finish_reason,
+        usage=Usage(**vars(result.usage)),
+        ttft_s=result.ttft_s,
+        total_s=result.total_s,
+        activation_start=result.activation_start,
+        result=parsed.value,
+        result_error=parsed.error,
+    )
