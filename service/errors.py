@@ -108,7 +108,17 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal server error (logged)")
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its result: its engine request was cancelled."""
+
+
+async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # nobody reads this: the client closed the connection and its engine request was cancelled
+    return error_response(499, "client_closed_request", "client closed the connection; request cancelled")
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(AloraError, _alora_error)
     app.add_exception_handler(ServiceError, _alora_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

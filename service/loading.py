@@ -75,6 +75,10 @@ def build_engine(settings: Settings, sources: Sources) -> Engine:
         kv_cache_bytes=int(settings.kv_cache_bytes),
         max_model_len=settings.max_model_len,
         max_conversations=settings.max_conversations,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        max_waiting=settings.max_waiting,
     )
     return Engine.from_config(config, adapters=dict(sources.adapters))
 

@@ -7,8 +7,13 @@
 The gate of a conversation: a /generate (or delete) runs alone; intrinsics and lookups run side by
 side; each call waits for the ones that arrived before it and could change what it sees. So
 simultaneous requests on one conversation each get the answer their arrival order implies, and the
-cache is never raced, whatever the engine below does. A call runs to completion even when its
-client goes away (a /generate still commits its turn); shutdown waits for every call still running.
+cache is never raced, whatever the engine below does.
+
+An engine call only submits (validation + enqueue, on a worker thread); the result is awaited on
+the event loop, so no thread waits on model work and the engine's own queue bound (429) is what
+callers meet. A client that goes away cancels its request: the engine stops the sequence and
+frees its blocks within one step (a cancelled /generate does not commit its turn). Shutdown waits
+for every call still running.
 """
 
 import asyncio
@@ -19,12 +24,15 @@ from typing import TypeVar
 
 import anyio
 import anyio.to_thread
+from starlette.requests import Request
 
 from alora_core import GenerationResult
+from alora_core.engine import EngineHandle
+from service.errors import ClientDisconnected
 
 T = TypeVar("T")
 TokenCallback = Callable[[int], None]  # the engine calls it with each sampled token id, on its thread
-EngineCall = Callable[[TokenCallback | None], GenerationResult]
+EngineCall = Callable[[TokenCallback | None], EngineHandle]  # submits one engine request
 
 
 @dataclass
@@ -69,6 +77,13 @@ class TokenStream:
         """The call's result once it has ended (raises its error)."""
         return await self._task
 
+    def cancel(self) -> None:
+        """The consumer went away: stop the engine request (no-op once it has ended)."""
+        self._task.cancel()
+
+    def done(self) -> bool:
+        return self._task.done()
+
 
 class EngineRunner:
     def __init__(self, max_concurrent_calls: int = 40) -> None:
@@ -83,9 +98,23 @@ class EngineRunner:
         async with self._gate(key, exclusive):
             return await anyio.to_thread.run_sync(fn, limiter=self._threads)
 
-    async def call(self, key: str | None, exclusive: bool, fn: EngineCall) -> GenerationResult:
-        """Run fn (no streaming) behind conversation `key`'s gate (None: no conversation)."""
-        return await asyncio.shield(self._start(key, exclusive, fn, None))
+    async def call(
+        self, key: str | None, exclusive: bool, fn: EngineCall, request: Request | None = None
+    ) -> GenerationResult:
+        """Run fn (no streaming) behind conversation `key`'s gate (None: no conversation). With the
+        HTTP `request`, a client disconnect cancels the engine request (raises ClientDisconnected)."""
+        task = self._start(key, exclusive, fn, None)
+        if request is None:
+            return await asyncio.shield(task)
+        watcher = asyncio.create_task(_disconnected(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            raise ClientDisconnected()
+        return task.result()
 
     def stream(self, key: str | None, exclusive: bool, fn: EngineCall) -> TokenStream:
         """Start fn behind conversation `key`'s gate; its tokens arrive on the returned stream."""
@@ -126,7 +155,12 @@ class EngineRunner:
         self, key: str | None, exclusive: bool, fn: EngineCall, on_token: TokenCallback | None
     ) -> GenerationResult:
         async with self._gate(key, exclusive):
-            return await anyio.to_thread.run_sync(fn, on_token, limiter=self._threads)
+            handle = await anyio.to_thread.run_sync(fn, on_token, limiter=self._threads)
+            try:
+                return await _finished(handle)
+            except asyncio.CancelledError:
+                handle.cancel()  # the engine frees its blocks within one step
+                raise
 
     @asynccontextmanager
     async def _gate(self, key: str | None, exclusive: bool) -> AsyncIterator[None]:
@@ -152,3 +186,28 @@ class EngineRunner:
             gate.users -= 1
             if gate.users == 0:
                 del self._gates[key]
+
+
+async def _finished(handle: EngineHandle) -> GenerationResult:
+    """Wait on the event loop (no thread) for an engine request to end; its result or its error."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def wake(_: object) -> None:  # engine thread
+        loop.call_soon_threadsafe(settle)
+
+    handle.add_done_callback(wake)
+    await done
+    return handle.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -10,6 +10,7 @@ from service.outputs import OutputFormat
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = (1 << 63) - 1
+MAX_FAN_OUT = 16  # intrinsics in one POST /intrinsics
 
 
 def _utf8(text: str) -> str:
@@ -127,6 +128,38 @@ class IntrinsicRequest(InputFields, SamplingFields):
         return self
 
 
+class IntrinsicItem(SamplingFields):
+    """One intrinsic of a fan-out; sampling fields set here override the request's for this one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$", description="A loaded adapter.")]
+
+
+class FanOutRequest(IntrinsicRequest):
+    """Several intrinsics on one context in one call: they run in the same engine steps and share the
+    conversation's cached prefix (an aLoRA fork copies no prefix block). The sampling fields here
+    are the defaults of every item."""
+
+    intrinsics: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")] | IntrinsicItem] = Field(
+        min_length=1,
+        max_length=MAX_FAN_OUT,
+        description="Adapter names, or {name, sampling overrides} items.",
+    )
+
+    def items(self) -> list[tuple[str, IntrinsicRequest]]:
+        """(adapter name, the single-intrinsic request it amounts to), in order."""
+        common = self.model_dump(exclude={"intrinsics"}, exclude_unset=True)
+        out = []
+        for item in self.intrinsics:
+            if isinstance(item, str):
+                out.append((item, IntrinsicRequest(**common)))
+            else:
+                overrides = item.model_dump(exclude={"name"}, exclude_unset=True)
+                out.append((item.name, IntrinsicRequest(**{**common, **overrides})))
+        return out
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the context (including an appended invocation).")
     completion_tokens: int = Field(description="Tokens generated.")
@@ -178,6 +211,11 @@ class IntrinsicResponse(BaseModel):
         None, description="The output parsed per the adapter's output format (null if none or unparsable)."
     )
     result_error: str | None = Field(None, description="Why `result` is null although a format is declared.")
+
+
+class FanOutResponse(BaseModel):
+    conversation_id: str | None = Field(description="The conversation used as context, if any (unchanged).")
+    results: list[IntrinsicResponse] = Field(description="One result per requested intrinsic, in order.")
 
 
 class AdapterInfo(BaseModel):

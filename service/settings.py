@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     max_conversations: int = Field(
         10_000, ge=1, description="Conversations kept before the oldest is dropped."
     )
+    max_num_seqs: int = Field(
+        64, ge=1, le=4096, description="Sequences batched per forward (1 = no batching)."
+    )
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="New tokens per forward, all sequences together (bounds decode latency)."
+    )
+    prefill_chunk_tokens: int = Field(512, ge=1, description="New tokens of one sequence per forward.")
+    max_waiting: int = Field(256, ge=1, description="Queued requests before new ones get 429 (Retry-After).")
     redis_url: str | None = Field(
         None,
         description="Redis URL of the shared cold cache tier (reserved: the tiered-cache release uses it).",

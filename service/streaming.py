@@ -89,9 +89,13 @@ async def generate_events(
     finalize: Callable[[GenerationResult], StreamFinal],
 ) -> AsyncIterator[str]:
     text = IncrementalText(tokenizer, stop)
-    async for chunk in stream.chunks():
-        delta = text.add(chunk)
-        yield sse(StreamToken(conversation_id=conversation_id, token_ids=chunk, text=delta).model_dump())
+    try:
+        async for chunk in stream.chunks():
+            delta = text.add(chunk)
+            yield sse(StreamToken(conversation_id=conversation_id, token_ids=chunk, text=delta).model_dump())
+    finally:  # also when the client goes away mid-stream (the generator is closed): stop the engine
+        if not stream.done():
+            stream.cancel()
     try:
         result = await stream.result()
     except AloraError as exc:

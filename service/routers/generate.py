@@ -2,10 +2,11 @@
 
 import uuid
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from alora_core import GenerationResult
+from alora_core.engine import EngineHandle
 from service.deps import EngineDep, MetricsDep, RunnerDep, TenantDep
 from service.inputs import encode_input, public_ids
 from service.routers import error_responses
@@ -30,7 +31,12 @@ STREAM_RESPONSE = {
     summary="Continue a conversation with the base model",
 )
 async def generate(
-    body: GenerateRequest, engine: EngineDep, runner: RunnerDep, tenant: TenantDep, metrics: MetricsDep
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    runner: RunnerDep,
+    tenant: TenantDep,
+    metrics: MetricsDep,
 ) -> GenerateResponse | StreamingResponse:
     """Input = the conversation's FULL history (one of messages / prompt / input_ids). The longest
     prefix already cached for `conversation_id` is reused (`usage.cached_tokens`); the history and
@@ -39,11 +45,11 @@ async def generate(
     key = tenant.key(conversation_id)
     params = body.sampling_params()
 
-    def call(on_token: TokenCallback | None) -> GenerationResult:
+    def call(on_token: TokenCallback | None) -> EngineHandle:
         with public_ids(key, conversation_id):
             input_ids = encode_input(engine.tokenizer, body, generation_prompt=True)
             assert input_ids is not None  # the schema requires exactly one input form
-            return engine.generate(key, input_ids, params, on_token)
+            return engine.submit_generate(key, input_ids, params, on_token)
 
     def respond(result: GenerationResult) -> GenerateResponse:
         metrics.record("generate", result)
@@ -58,9 +64,11 @@ async def generate(
         )
 
     if not body.stream:
-        return respond(await runner.call(key, True, call))
+        with public_ids(key, conversation_id):  # errors raised once queued, too
+            return respond(await runner.call(key, True, call, request))
     stream = runner.stream(key, True, call)
-    await stream.wait_first()  # an error before the first token is still a plain HTTP error
+    with public_ids(key, conversation_id):
+        await stream.wait_first()  # an error before the first token is still a plain HTTP error
     events = generate_events(
         stream, conversation_id, engine.tokenizer, body.stop, lambda r: StreamFinal(**respond(r).model_dump())
     )

@@ -1,16 +1,21 @@
-"""POST /intrinsic/{name}: run an adapter on a conversation (or a given input) without changing it."""
+"""POST /intrinsic/{name} and POST /intrinsics (fan-out): run adapters on a conversation (or a given
+input) without changing it."""
 
+import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 
-from alora_core import GenerationResult
-from service.deps import EngineDep, MetricsDep, RunnerDep, StateDep, TenantDep
+from alora_core import Engine
+from alora_core.engine import EngineHandle
+from service.auth import Tenant
+from service.deps import EngineDep, MetricsDep, RunnerDep, ServiceState, StateDep, TenantDep
 from service.inputs import encode_input, public_ids, with_invocation
+from service.metrics import Metrics
 from service.outputs import ParsedOutput, parse_output
 from service.routers import error_responses
-from service.runner import TokenCallback
-from service.schemas import IntrinsicRequest, IntrinsicResponse, Usage
+from service.runner import EngineRunner, TokenCallback
+from service.schemas import FanOutRequest, FanOutResponse, IntrinsicRequest, IntrinsicResponse, Usage
 
 router = APIRouter(tags=["intrinsic"])
 
@@ -28,6 +33,7 @@ AdapterName = Annotated[
 async def intrinsic(
     name: AdapterName,
     body: IntrinsicRequest,
+    request: Request,
     engine: EngineDep,
     runner: RunnerDep,
     state: StateDep,
@@ -38,21 +44,71 @@ async def intrinsic(
     appended unless the context already contains it. An aLoRA reuses the conversation's cached base
     KV up to its invocation; a plain LoRA recomputes the whole context. The conversation is never
     changed. `result` holds the output parsed per the adapter's output format, if it declares one."""
-    adapter = engine.adapters.get(name)  # unknown -> 404 before any work
+    engine.adapters.get(name)  # unknown -> 404 before any work
+    return await run_intrinsic(name, body, request, engine, runner, state, tenant, metrics)
+
+
+@router.post(
+    "/intrinsics",
+    response_model=FanOutResponse,
+    responses=error_responses(400, 401, 404, 413, 422, 429, 503),
+    summary="Run several intrinsics on one conversation in one call (fan-out)",
+)
+async def intrinsics(
+    body: FanOutRequest,
+    request: Request,
+    engine: EngineDep,
+    runner: RunnerDep,
+    state: StateDep,
+    tenant: TenantDep,
+    metrics: MetricsDep,
+) -> FanOutResponse:
+    """Each item runs like POST /intrinsic/{name} on the same context; all are submitted at once, so
+    they share engine steps and the conversation's cached prefix. If one fails, the others are
+    cancelled and the call returns that error."""
+    items = body.items()
+    for name, _ in items:
+        engine.adapters.get(name)  # any unknown adapter -> 404 before any work
+    calls = [
+        asyncio.ensure_future(run_intrinsic(name, item, request, engine, runner, state, tenant, metrics))
+        for name, item in items
+    ]
+    try:
+        results = await asyncio.gather(*calls)
+    except BaseException:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        raise
+    return FanOutResponse(conversation_id=body.conversation_id, results=list(results))
+
+
+async def run_intrinsic(
+    name: str,
+    body: IntrinsicRequest,
+    request: Request,
+    engine: Engine,
+    runner: EngineRunner,
+    state: ServiceState,
+    tenant: Tenant,
+    metrics: Metrics,
+) -> IntrinsicResponse:
+    adapter = engine.adapters.get(name)
     conversation_id = body.conversation_id
     key = tenant.key(conversation_id) if conversation_id is not None else None
     params = body.sampling_params()
 
-    def call(on_token: TokenCallback | None) -> GenerationResult:
+    def call(on_token: TokenCallback | None) -> EngineHandle:
         with public_ids(key, conversation_id):
             input_ids = encode_input(engine.tokenizer, body, generation_prompt=False)
             if not body.add_invocation and input_ids is None and key is not None:
                 input_ids = engine.conversation_tokens(key)  # as is: the engine checks the invocation
             if body.add_invocation and input_ids is not None:
                 input_ids = with_invocation(input_ids, adapter.spec.invocation_tokens)
-            return engine.intrinsic(name, key, input_ids, params, on_token)
+            return engine.submit_intrinsic(name, key, input_ids, params, on_token)
 
-    result = await runner.call(key, False, call)
+    with public_ids(key, conversation_id):  # errors raised once queued, too
+        result = await runner.call(key, False, call, request)
     metrics.record("intrinsic", result)
     output_format = state.output_formats.get(name)
     parsed = parse_output(output_format, result.text) if output_format is not None else ParsedOutput()

@@ -21,6 +21,7 @@ MAX_EXAMPLES = 12
 OPERATIONS = [
     ("POST", "/generate"),
     ("POST", "/intrinsic/{name}"),
+    ("POST", "/intrinsics"),
     ("GET", "/adapters"),
     ("GET", "/conversations/{conversation_id}"),
     ("DELETE", "/conversations/{conversation_id}"),
@@ -42,7 +43,7 @@ def api_schema(server: ServerProcess) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
 
 
-WITH_INPUT = OPERATIONS[:5]  # the probes take no input: nothing to make invalid
+WITH_INPUT = OPERATIONS[:6]  # the probes take no input: nothing to make invalid
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in WITH_INPUT
 ]
