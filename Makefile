@@ -28,3 +28,20 @@ test: lint
 
 bench-core: install
 	$(BIN)/python loadtest/bench_core.py $(ARGS)
+
+# Operations (see README "Operations"): regenerate the Grafana dashboards from their spec; run the
+# agent load test headless against LOADTEST_HOST (default: a local `make serve`), CSV + JSON under
+# loadtest/results/
+.PHONY: dashboards loadtest
+LOADTEST_HOST ?= http://127.0.0.1:8000
+LOADTEST_USERS ?= 16
+LOADTEST_TIME ?= 5m
+
+dashboards: install
+	$(BIN)/python deploy/grafana/build_dashboards.py
+
+loadtest: install
+	mkdir -p loadtest/results
+	$(BIN)/locust -f loadtest/locustfile.py --host $(LOADTEST_HOST) --headless -u $(LOADTEST_USERS) -r 4 \
+		--run-time $(LOADTEST_TIME) \
+		--stop-timeout 60 --csv loadtest/results/agents --json-file loadtest/results/agents $(ARGS)

@@ -43,6 +43,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # threads for every request the engine can run or queue, and a few more: past that it answers 429
     runner = EngineRunner(max_concurrent_calls=engine.config.max_num_seqs + engine.config.max_waiting + 16)
     app.state.service = ServiceState(engine=engine, runner=runner, output_formats=load_output_formats(engine))
+    app.state.metrics.bind(engine, "demo" if sources.demo else sources.model)
     names = ", ".join(f"{a.spec.name} ({a.spec.kind})" for a in engine.adapters.all()) or "none"
     log.info(
         "serving %s%s with adapters: %s",

@@ -14,6 +14,7 @@ from service.errors import error_response
 from service.metrics import Metrics
 
 DISCARD_LIMIT = 64 << 20  # past this many bytes of an oversized body, answer 413 without reading on
+ERROR_BODY_LIMIT = 4096  # an error body is read this far for its code (metrics)
 
 
 @dataclass
@@ -41,11 +42,14 @@ class RequestTracking:
             await self.app(scope, receive, send)
             return
         status = 500  # what the client sees when the app fails before starting a response
+        error_body = b""  # the first body chunk of an error response (for its code)
 
         async def send_tracked(message: Message) -> None:
-            nonlocal status
+            nonlocal status, error_body
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400 and not error_body:
+                error_body = message.get("body", b"")[:ERROR_BODY_LIMIT]
             await send(message)
 
         self.drain.in_flight += 1
@@ -56,7 +60,7 @@ class RequestTracking:
             self.drain.in_flight -= 1
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.record_http(scope["method"], route, scope["path"], status, error_body)
 
 
 class BodyGuard:

@@ -34,5 +34,5 @@ async def ready(drain: DrainDep) -> ReadyStatus | JSONResponse:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
     summary="Prometheus metrics (text exposition format)",
 )
-async def metrics(metrics: MetricsDep) -> Response:
+def metrics(metrics: MetricsDep) -> Response:  # a worker thread: the engine's stats take its lock
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,202 @@
+"""deploy/: the Dockerfile, docker-compose, Prometheus and Grafana provisioning, checked statically (no
+Docker engine here): the files parse, and every stage, image, port, path, command and ALORA_*
+variable they name exists in the project and is accepted by the service's Settings."""
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from service.loading import DEMO_SUBDIR
+from service.settings import Settings, env_var
+from tests.ops.conftest import ROOT, require
+
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+VARIANTS = ("cpu", "cuda")
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+SETTINGS_ENV = {env_var(name) for name in Settings.model_fields}
+
+
+def yaml_file(path: Path) -> Any:
+    yaml = require("yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def instructions(variant: str) -> list[dict[str, Any]]:
+    parser = require("dockerfile_parse").DockerfileParser(
+        path=str(DOCKERFILE), build_args={"VARIANT": variant}
+    )
+    return [i for i in parser.structure if i["instruction"] != "COMMENT"]
+
+
+def stages(variant: str) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(image or parent stage, stage name, its instructions) per FROM, args substituted."""
+    args = {}
+    out: list[tuple[str, str, list[dict[str, Any]]]] = []
+    for i in instructions(variant):
+        if i["instruction"] == "ARG" and not out:
+            name, _, default = i["value"].partition("=")
+            args[name] = default
+        elif i["instruction"] == "FROM":
+            image, _, name = i["value"].partition(" AS ")
+            image = re.sub(r"\$\{(\w+)\}", lambda m: {**args, "VARIANT": variant}[m.group(1)], image)
+            out.append((image, name, []))
+        elif out:
+            out[-1][2].append(i)
+    return out
+
+
+def docker_ignored(path: str) -> bool:
+    """Whether deploy/Dockerfile.dockerignore keeps `path` out of the build context (last match wins)."""
+    ignored = False
+    for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!")
+        regex = re.escape(pattern).replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[: n + 1])) for n in range(len(parts))):
+            ignored = not negate
+    return ignored
+
+
+def project_files(directory: str) -> list[str]:
+    return [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / directory).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
+
+
+def pinned(image: str) -> bool:
+    name, _, tag = image.rpartition(":")
+    return bool(name) and tag not in ("", "latest") and "/" not in tag
+
+
+def check_settings_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ALORA_* variable names a Settings field, and together they make valid Settings."""
+    alora = {k: str(v) for k, v in env.items() if k.startswith("ALORA_")}
+    unknown = set(alora) - SETTINGS_ENV
+    assert not unknown, f"not service settings: {sorted(unknown)}"
+    for name in [k for k in os.environ if k.startswith("ALORA_")]:
+        monkeypatch.delenv(name)
+    for name, value in alora.items():
+        monkeypatch.setenv(name, value)
+    Settings()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dockerfile_stages_images_and_copied_paths_exist(variant: str) -> None:
+    chain = stages(variant)
+    names = {name for _, name, _ in chain}
+    for image, _, body in chain:
+        assert image in names or pinned(image), f"base image {image} is not a stage or a pinned image"
+        for i in body:
+            if i["instruction"] == "COPY":
+                *sources, _ = i["value"].split()
+                for source in sources:
+                    assert (ROOT / source).exists(), f"COPY {source}: not in the project"
+                    files = [source] if (ROOT / source).is_file() else project_files(source)
+                    assert files and not [f for f in files if docker_ignored(f)], f"COPY {source}: ignored"
+    runtime = chain[-1]
+    parent = runtime[0]
+    assert parent == f"torch-{variant}" and parent in names
+    assert docker_ignored(".venv/bin/python") and docker_ignored("service/__pycache__/app.cpython-311.pyc")
+
+
+def test_dockerfile_runtime_is_non_root_healthy_and_uses_real_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = stages("cpu")[-1][2]
+    by_kind: dict[str, list[str]] = {}
+    for i in body:
+        by_kind.setdefault(i["instruction"], []).append(i["value"])
+    (user,) = by_kind["USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0  # numeric, so runAsNonRoot can verify it
+    env: dict[str, str] = {}
+    for value in by_kind["ENV"]:
+        env.update(dict(re.findall(r"(\w+)=(\S+)", value)))
+    check_settings_env(env, monkeypatch)
+    port = Settings.model_fields["port"].default
+    assert by_kind["EXPOSE"] == [str(port)] and env["ALORA_PORT"] == str(port)
+    (healthcheck,) = by_kind["HEALTHCHECK"]
+    assert "/health" in healthcheck and "ALORA_PORT" in healthcheck
+    (entrypoint,) = by_kind["ENTRYPOINT"]
+    scripts = PYPROJECT["project"]["scripts"]
+    assert entrypoint == '["alora-serve"]' and "alora-serve" in scripts
+    # the demo baked at build time is where the service looks for it (no build at start-up)
+    demo_runs = [v for v in by_kind["RUN"] if v.startswith("alora-make-demo")]
+    assert demo_runs == [f"alora-make-demo {env['ALORA_CACHE_DIR']}/{DEMO_SUBDIR} --preset tiny"]
+    assert "alora-make-demo" in scripts
+    for path in re.findall(
+        r"-c (\S+)", " ".join(v for _, _, b in stages("cpu") for v in (i["value"] for i in b))
+    ):
+        assert (ROOT / path).is_file(), path
+
+
+def test_compose_services_are_built_here_and_wired_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = yaml_file(DEPLOY / "docker-compose.yml")
+    services = compose["services"]
+    assert set(services) == {"alora", "redis", "prometheus", "grafana"}
+    alora = services["alora"]
+    assert (DEPLOY / alora["build"]["context"] / alora["build"]["dockerfile"]).resolve() == DOCKERFILE
+    assert alora["build"]["args"]["VARIANT"] == "cpu"
+    assert alora["image"] == f"alora-serve:{VERSION}-cpu"
+    check_settings_env(alora["environment"], monkeypatch)
+    redis_url = urlsplit(alora["environment"]["ALORA_REDIS_URL"])
+    assert redis_url.hostname == "redis" and redis_url.port == 6379
+    port = Settings.model_fields["port"].default
+    assert [p.split(":")[-1] for p in alora["ports"]] == [str(port)]
+    for name, service in services.items():
+        if name != "alora":
+            assert pinned(service["image"]), service["image"]
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            assert (DEPLOY / host).exists(), f"{name}: volume {host} is not in the project"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services
+
+    gpu = yaml_file(DEPLOY / "docker-compose.gpu.yml")["services"]["alora"]
+    assert gpu["build"]["args"]["VARIANT"] == "cuda" and gpu["image"] == f"alora-serve:{VERSION}-cuda"
+    check_settings_env({**alora["environment"], **gpu["environment"]}, monkeypatch)
+
+
+def test_prometheus_scrapes_the_service_metrics_route() -> None:
+    from service.app import create_app
+
+    compose = yaml_file(DEPLOY / "docker-compose.yml")
+    prometheus = compose["services"]["prometheus"]
+    (config_path,) = [a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")]
+    mounts = {container: host for host, container, *_ in (v.split(":") for v in prometheus["volumes"])}
+    (job,) = yaml_file(DEPLOY / mounts[config_path])["scrape_configs"]
+    assert job["metrics_path"] in create_app(Settings()).openapi()["paths"]
+    (target,) = job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host in compose["services"]
+    assert int(port) == Settings.model_fields["port"].default
+
+
+def test_grafana_provisions_the_datasource_and_the_dashboards() -> None:
+    compose = yaml_file(DEPLOY / "docker-compose.yml")
+    grafana = compose["services"]["grafana"]
+    mounts = {
+        container.split(":")[0]: host for host, container in (v.split(":", 1) for v in grafana["volumes"])
+    }
+    provisioning = DEPLOY / mounts["/etc/grafana/provisioning"]
+    (datasource,) = yaml_file(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    url = urlsplit(datasource["url"])
+    assert datasource["type"] == "prometheus" and datasource["isDefault"]
+    assert url.hostname in compose["services"] and url.hostname == "prometheus"
+    assert any(p.endswith(f":{url.port}") for p in compose["services"]["prometheus"]["ports"])
+    (provider,) = yaml_file(provisioning / "dashboards" / "alora-serve.yml")["providers"]
+    dashboards_dir = DEPLOY / mounts[provider["options"]["path"]]
+    assert dashboards_dir.resolve() == (DEPLOY / "grafana" / "dashboards").resolve()
+    assert len(list(dashboards_dir.glob("*.json"))) == 3
