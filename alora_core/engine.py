@@ -8,9 +8,13 @@ continuous-batching scheduler thread; `generate` / `intrinsic` wait, `submit_*` 
                              fork conv KV at reuse (shared blocks), adapter on positions >= start,
                              decode; drop the fork
     intrinsic(LoRA, ...):    every position adapted: nothing reused, fresh KV, dropped after
+
+Conversation caches are tiered (kvcache/tiers.py): idle ones are demoted device -> host -> Redis
+under byte budgets and restored on their next request; with Redis any replica can resume them.
 """
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -23,7 +27,13 @@ import torch
 from alora_core.context import activation_start, validate
 from alora_core.errors import ConversationBusyError, InvalidRequestError, UnknownConversationError
 from alora_core.kvcache.block_pool import BlockPool
+from alora_core.kvcache.codec import KVLayout
 from alora_core.kvcache.conversations import Conversation, ConversationStore
+from alora_core.kvcache.cost_model import CostModel, RestorePolicy
+from alora_core.kvcache.host_tier import HostTier
+from alora_core.kvcache.redis_tier import RedisTier
+from alora_core.kvcache.stats import CacheCounters, CacheStats
+from alora_core.kvcache.tiers import TieredCache
 from alora_core.lora.registry import AdapterRegistry, ResidentAdapter
 from alora_core.model.batch import ForwardContext
 from alora_core.model.loader import DType, LoadedModel, load_model
@@ -44,7 +54,20 @@ class EngineConfig:
     dtype: DType = "auto"
     block_size: int = 16  # tokens per KV block: the unit of sharing, spilling and Redis values
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES  # size of the device KV pool
-    num_blocks: int | None = None  # overrides kv_cache_bytes
+    kv_cache_fraction: float | None = (
+        None  # pool = this fraction of the device's free memory (overrides kv_cache_bytes)
+    )
+    num_blocks: int | None = None  # overrides kv_cache_bytes and kv_cache_fraction
+    # tiered conversation caches (kvcache/tiers.py)
+    device_cache_bytes: int | None = None  # KV idle conversations keep in the pool (None: all the pool)
+    host_cache_bytes: int = (
+        0  # host tier, pinned when on CUDA (0: none; demoted blocks go to Redis or are dropped)
+    )
+    redis_url: str | None = None  # shared cold tier, e.g. redis://host:6379/0 (None: none)
+    redis_ttl_s: int = 86_400  # expiry of Redis entries, refreshed on every access
+    redis_value_bytes: int = 4 << 20  # target size of one Redis value (a run of whole blocks)
+    redis_write_buffer_bytes: int = 1 << 30  # KV staged for Redis writes; a commit beyond it is not written
+    restore_policy: RestorePolicy = "cost"  # restore a lower tier only when cheaper than recompute
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefill_chunk_tokens: int = 512  # tokens of one sequence per forward during prefill
     max_num_seqs: int = 64  # sequences batched per forward (1 = one request at a time)
@@ -80,8 +103,11 @@ class GenerationResult:
 class ConversationInfo:
     conversation_id: str
     num_tokens: int
-    cached_tokens: int
-    cache_location: Literal["device", "none"]
+    cached_tokens: int  # prefix whose KV can be restored without recompute, from any tier
+    cache_location: Literal["device", "host", "redis", "none"]  # the coldest tier that prefix needs
+    device_tokens: int = 0  # positions [0, device_tokens) on the device,
+    host_tokens: int = 0  # the next host_tokens on the host,
+    redis_tokens: int = 0  # and the next redis_tokens only in Redis
 
 
 class Engine:
@@ -93,11 +119,42 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings
         )
-        num_blocks = config.num_blocks or max(
-            1, config.kv_cache_bytes // BlockPool.bytes_per_block(shape, config.block_size, loaded.dtype)
-        )
+        block_bytes = BlockPool.bytes_per_block(shape, config.block_size, loaded.dtype)
+        num_blocks = config.num_blocks or max(1, _pool_bytes(config, loaded.device) // block_bytes)
         self.pool = BlockPool(shape, num_blocks, config.block_size, loaded.dtype, loaded.device)
-        self.conversations = ConversationStore(self.pool, config.max_conversations)
+        layout = KVLayout(
+            loaded.fingerprint,
+            loaded.dtype,
+            shape.num_layers,
+            shape.num_kv_heads,
+            shape.head_dim,
+            config.block_size,
+        )
+        host = HostTier(layout, config.host_cache_bytes // block_bytes, pin=loaded.device.type == "cuda")
+        self.conversations = ConversationStore(self.pool, config.max_conversations, host)
+        counters, cost = CacheCounters(), CostModel()
+        redis_tier = None
+        if config.redis_url:
+            redis_tier = RedisTier(
+                config.redis_url,
+                config.redis_ttl_s,
+                layout,
+                max(1, config.redis_value_bytes // block_bytes),
+                counters,
+                cost,
+                wake=lambda: self.scheduler.wake(),
+                max_pending_write_bytes=config.redis_write_buffer_bytes,
+            )
+        self.tiers = TieredCache(
+            self.pool,
+            self.conversations,
+            host,
+            redis_tier,
+            cost,
+            counters,
+            config.restore_policy,
+            None if config.device_cache_bytes is None else config.device_cache_bytes // block_bytes,
+        )
         self.ctx = ForwardContext()
         self.adapters = AdapterRegistry(
             loaded.model, loaded.tokenizer, self.ctx, config.max_adapters, loaded.dtype, loaded.device
@@ -120,13 +177,16 @@ class Engine:
                 prefill_chunk_tokens=config.prefill_chunk_tokens,
                 max_waiting=config.max_waiting,
             ),
+            self.tiers,
         )
         log.info(
-            "KV pool: %d blocks x %d tokens (%.1f MiB), max_model_len %d",
+            "KV pool: %d blocks x %d tokens (%.1f MiB), max_model_len %d; host tier %.1f MiB; Redis %s",
             num_blocks,
             config.block_size,
-            num_blocks * BlockPool.bytes_per_block(shape, config.block_size, loaded.dtype) / 2**20,
+            num_blocks * block_bytes / 2**20,
             self.max_model_len,
+            host.capacity_bytes / 2**20,
+            "on" if redis_tier is not None else "off",
         )
 
     @classmethod
@@ -173,6 +233,8 @@ class Engine:
     ) -> "EngineHandle":
         params = params or SamplingParams()
         self._validate(list(input_ids), params)
+        if conversation_id is not None:
+            self._resume(conversation_id)
         key = conversation_id if conversation_id is not None else uuid.uuid4().hex
         return self._submit(Request("generate", key, list(input_ids), params, on_token=on_token))
 
@@ -194,6 +256,8 @@ class Engine:
                 activation_start(adapter, list(input_ids))
         else:
             params.validate(self.loaded.shape.vocab_size)
+        if conversation_id is not None:
+            self._resume(conversation_id)
         if conversation_id is not None and conversation_id not in self.conversations:
             raise UnknownConversationError(f"unknown conversation {conversation_id!r}")
         request = Request(
@@ -211,29 +275,54 @@ class Engine:
         return activation_start(adapter, context)
 
     def conversation(self, conversation_id: str) -> ConversationInfo:
+        self._resume(conversation_id)
         with self.scheduler.state_lock:
             conv = self._conversation(conversation_id)
+            device, local, cached = conv.device_tokens, conv.local_tokens, conv.cached_tokens
+            location: Literal["device", "host", "redis", "none"] = "none"
+            if cached:
+                location = "device" if cached == device else "host" if cached == local else "redis"
             return ConversationInfo(
                 conversation_id=conversation_id,
                 num_tokens=len(conv.token_ids),
-                cached_tokens=conv.cached_tokens,
-                cache_location="device" if conv.cached_tokens else "none",
+                cached_tokens=cached,
+                cache_location=location,
+                device_tokens=device,
+                host_tokens=local - device,
+                redis_tokens=cached - local,
             )
 
     def conversation_tokens(self, conversation_id: str) -> list[int]:
+        self._resume(conversation_id)
         with self.scheduler.state_lock:
             return list(self._conversation(conversation_id).token_ids)
 
     def delete_conversation(self, conversation_id: str) -> None:
+        """Forget the conversation here and in Redis."""
+        self._resume(conversation_id)
         with self.scheduler.state_lock:
             self._conversation(conversation_id)
             if conversation_id in self.scheduler.busy_conversations():
                 raise ConversationBusyError(f"conversation {conversation_id!r} has a request in progress")
-            self.conversations.delete(conversation_id)
+            conv = self.conversations.delete(conversation_id)
+            assert conv is not None
+            self.tiers.forget(conv)
+
+    @property
+    def cache_degraded(self) -> bool:
+        """Redis is configured but unreachable (requests recompute). Lock-free: for probes."""
+        return self.tiers.redis is not None and self.tiers.redis.degraded
+
+    def cache_stats(self) -> CacheStats:
+        """Per-tier usage, hits, transfers and Redis health of the conversation caches (for metrics)."""
+        with self.scheduler.state_lock:
+            return self.tiers.stats()
 
     def close(self) -> None:
-        """Stop the scheduler; requests still queued or running fail with CapacityError."""
+        """Stop the scheduler (requests still queued or running fail with CapacityError), then finish
+        the Redis writes already queued, so another replica can resume what this one served."""
         self.scheduler.stop()
+        self.tiers.close()
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -241,6 +330,18 @@ class Engine:
         handle = EngineHandle(request, self.scheduler.wake, self)
         self.scheduler.submit(request)
         return handle
+
+    def _resume(self, conversation_id: str) -> None:
+        """A conversation this replica does not know may live in Redis (written by any replica)."""
+        if self.tiers.redis is None:
+            return
+        with self.scheduler.state_lock:
+            if conversation_id in self.conversations:
+                return
+        meta = self.tiers.lookup(conversation_id)  # network round trip: not under the lock
+        if meta is not None:
+            with self.scheduler.state_lock:
+                self.tiers.adopt(meta)
 
     def _conversation(self, conversation_id: str) -> Conversation:
         conv = self.conversations.get(conversation_id)
@@ -273,6 +374,18 @@ class Engine:
             activation_start=seq.activation_start if seq.activation_start != NO_ACTIVATION else None,
             logits=torch.stack(seq.logits) if seq.logits else None,
         )
+
+
+def _pool_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_fraction is None:
+        return config.kv_cache_bytes
+    if not 0 < config.kv_cache_fraction <= 1:
+        raise ValueError(f"kv_cache_fraction must be in (0, 1], got {config.kv_cache_fraction}")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free * config.kv_cache_fraction)
 
 
 class EngineHandle(RequestHandle):

@@ -29,6 +29,7 @@ class Request:
     seq: Sequence | None = None
     cached_tokens: int = 0  # prompt tokens reused from the conversation at first admission
     restore_point: int = 0  # generate: conversation KV still valid for its old history (undo point)
+    cache_split: tuple[int, int] | None = None  # conversation's (device end, host end) when first seen
     admitted_at: float | None = None
     first_token_at: float | None = None
     emitted: int = 0  # tokens already passed to on_token

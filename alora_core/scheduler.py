@@ -5,8 +5,13 @@
         drop cancelled requests                       (blocks freed, conversation restored)
         admit waiting in FIFO order                   (KV blocks, max_num_seqs, per-conversation order)
         schedule: decodes first (1 token each), then prefill chunks, within max_num_batched_tokens
-        out of KV -> drop idle conversation caches, then preempt the newest running request (recompute)
+        out of KV -> demote idle conversation caches (kvcache.tiers), then preempt the newest request
         one forward (step.run_step), emit tokens, finish: commit a /generate, drop an intrinsic's fork
+        idle conversations over the device budget -> demoted to host (-> Redis)
+
+A request on a conversation whose KV lies in a lower tier restores it on admission (host: copied at
+once; Redis: fetched by an I/O thread while other requests keep running) or recomputes it, whichever
+the cost model says is cheaper.
 
 Per conversation: at most one /generate runs, later requests on that conversation wait behind it,
 and a /generate waits for earlier requests on its conversation; intrinsics run side by side on
@@ -20,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,12 +43,15 @@ from alora_core.errors import (
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.conversations import Conversation, ConversationStore
+from alora_core.kvcache.tiers import TieredCache
 from alora_core.model.batch import ForwardContext
 from alora_core.request import Request
 from alora_core.sequence import NO_ACTIVATION, Sequence
 from alora_core.step import Work, run_step
 
 log = logging.getLogger(__name__)
+
+Admission = Literal["admitted", "no_kv", "fetching"]  # fetching: its cache is on its way from Redis
 
 
 @dataclass(frozen=True)
@@ -66,12 +75,18 @@ class ModelHandle:
 
 class Scheduler:
     def __init__(
-        self, handle: ModelHandle, pool: BlockPool, conversations: ConversationStore, config: SchedulerConfig
+        self,
+        handle: ModelHandle,
+        pool: BlockPool,
+        conversations: ConversationStore,
+        config: SchedulerConfig,
+        tiers: TieredCache,
     ) -> None:
         self.handle = handle
         self.pool = pool
         self.conversations = conversations
         self.config = config
+        self.tiers = tiers
         self.state_lock = threading.Lock()  # conversations + pool: held for a whole step
         self._inbox: deque[Request] = deque()
         self._inbox_cv = threading.Condition()
@@ -134,8 +149,9 @@ class Scheduler:
                 deliver
             ) in outbox:  # token callbacks and results, outside the lock: a slow consumer stalls no one
                 deliver()
-            if not progressed:
-                time.sleep(0.005)  # waiting requests that cannot be admitted yet: do not spin
+            if not progressed:  # waiting requests that cannot be admitted yet: do not spin
+                with self._inbox_cv:  # a new request or a finished Redis fetch (wake) ends the wait
+                    self._inbox_cv.wait(timeout=0.005)
         with self.state_lock:
             error = CapacityError("the engine shut down before the request finished")
             for r in [*self.running, *self._waiting, *self._inbox]:
@@ -152,7 +168,11 @@ class Scheduler:
             for observe in self.step_observers:
                 observe(work)
             h = self.handle
+            t0 = time.perf_counter()
             run_step(work, h.model, h.ctx, self.pool, h.tokenizer, h.device)
+            self.tiers.cost.observe_prefill(
+                sum(end - start for _, start, end in work), time.perf_counter() - t0
+            )
         except Exception as exc:  # a bug or a device error: fail the requests of this step, keep serving
             log.exception("engine step failed")
             failed = {id(seq) for seq, _, _ in work}
@@ -170,6 +190,7 @@ class Scheduler:
             self._abort(r, RequestCancelledError("request cancelled"))
 
     def _admit(self) -> None:
+        self.tiers.poll()
         blocked: set[str] = {
             r.conversation_id for r in self.running if r.kind == "generate" and r.conversation_id
         }
@@ -184,24 +205,27 @@ class Scheduler:
                 keep.append(r)
             else:
                 try:
-                    admitted = self._start(r)
+                    admission = self._start(r)
                 except AloraError as exc:
                     r.fail(exc)
                     continue
-                if not admitted:  # not enough KV now: strict FIFO, everything behind it waits too
+                if admission == "no_kv":  # not enough KV now: strict FIFO, everything behind it waits too
                     keep.append(r)
                     keep.extend(self._waiting)
                     self._waiting.clear()
                     break
-                self.running.append(r)
+                if admission == "fetching":  # others go ahead while its cache comes from Redis
+                    keep.append(r)
+                else:
+                    self.running.append(r)
             if key is not None:
                 pending.add(key)
                 if r.kind == "generate":
                     blocked.add(key)
         self._waiting = keep
 
-    def _start(self, r: Request) -> bool:
-        """Resolve the context, reuse the conversation's cache, take KV blocks. False: not enough KV yet."""
+    def _start(self, r: Request) -> Admission:
+        """Resolve the context, restore and reuse the conversation's cache, take KV blocks."""
         conv = self.conversations.get(r.conversation_id) if r.conversation_id is not None else None
         if r.kind == "generate":
             assert r.conversation_id is not None
@@ -210,24 +234,38 @@ class Scheduler:
             raise UnknownConversationError(f"unknown conversation {r.conversation_id!r}")
         if r.seq is None:
             r.seq = self._new_sequence(r, conv)
+            if conv is not None:
+                r.cache_split = (conv.kv.num_tokens, conv.local_tokens)
         seq = r.seq
 
-        reuse = 0
+        if conv is not None:
+            self.tiers.collect(conv)  # a Redis fetch that finished: its blocks are on the device now
+            if conv.fetch is not None:  # still in flight: it holds the blocks it fills
+                return "fetching"
+        want = 0  # the prefix of the conversation's history this request can reuse, from any tier
         if conv is not None and r.kind == "generate":
-            reuse = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.num_tokens - 1)
+            want = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.num_tokens - 1)
         elif conv is not None and r.adapter is not None and r.adapter.spec.kind == "alora":
-            reuse = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.activation_start)
+            want = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.activation_start)
 
         bs = self.pool.block_size
-        need = -(-seq.num_tokens // bs) - reuse // bs + 1
+        device = min(want, conv.kv.num_tokens) if conv is not None else 0
+        need = -(-seq.num_tokens // bs) - device // bs + 1  # restored blocks come out of this too
         if self.pool.num_free < need:
-            self.conversations.evict_caches(need, protect=self._protected(r))
+            self.tiers.make_room(need, protect=self._protected(r))
             if self.pool.num_free < need:
-                return False
+                return "no_kv"
+        if conv is not None and want > conv.kv.num_tokens:  # part of it lies in a lower tier
+            status = self.tiers.restore(conv, self.tiers.plan(conv, want))
+            if status == "fetching":
+                return "fetching"
+        reuse = min(want, conv.kv.num_tokens) if conv is not None else 0
 
         if r.kind == "generate":
             assert conv is not None
             conv.kv.truncate(reuse)
+            conv.host.free()  # the new turn writes past reuse: lower-tier blocks there are stale
+            self.tiers.drop_fetch(conv)
             seq.table = conv.kv
             r.restore_point = reuse
         else:
@@ -235,7 +273,9 @@ class Scheduler:
         if r.admitted_at is None:
             r.admitted_at = time.perf_counter()
             r.cached_tokens = reuse
-        return True
+            if r.cache_split is not None and (r.kind == "generate" or seq.activation_start != NO_ACTIVATION):
+                self.tiers.count_lookup(len(seq.prompt), reuse, want, *r.cache_split)
+        return "admitted"
 
     def _new_sequence(self, r: Request, conv: Conversation | None) -> Sequence:
         h = self.handle
@@ -298,7 +338,7 @@ class Scheduler:
                 return True
             except CapacityError:
                 missing = -(-end // self.pool.block_size) - len(r.seq.table.blocks)
-                self.conversations.evict_caches(missing, protect=self._protected())
+                self.tiers.make_room(missing, protect=self._protected())
                 if self.pool.num_free >= missing:
                     continue
                 victims = [x for x in reversed(self.running) if x is not r and id(x) not in scheduled]
@@ -334,6 +374,7 @@ class Scheduler:
 
     def _after_step(self) -> None:
         now = time.perf_counter()
+        finished = False
         for r in list(self.running):
             seq = r.seq
             assert seq is not None
@@ -344,6 +385,9 @@ class Scheduler:
             r.emitted = len(seq.output)
             if seq.finished:
                 self._finish(r)
+                finished = True
+        if finished:
+            self.tiers.enforce_budget(self.busy_conversations())
 
     def _finish(self, r: Request) -> None:
         seq = r.seq
@@ -351,7 +395,8 @@ class Scheduler:
         if r.kind == "generate":
             conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
             if conv is not None:
-                conv.token_ids = seq.tokens
+                old_token_ids, conv.token_ids = conv.token_ids, seq.tokens
+                self.tiers.on_commit(conv, old_token_ids)
         else:
             seq.table.free()
         self.running.remove(r)

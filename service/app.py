@@ -36,8 +36,6 @@ With API keys configured, send `Authorization: Bearer <key>`; conversations are 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    if settings.redis_url:
-        log.warning("--redis-url is set, but this release keeps caches in process only: Redis is not used")
     sources = await anyio.to_thread.run_sync(resolve_sources, settings)
     engine = await anyio.to_thread.run_sync(build_engine, settings, sources)
     # threads for every request the engine can run or queue, and a few more: past that it answers 429

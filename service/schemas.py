@@ -237,9 +237,7 @@ class ConversationInfo(BaseModel):
     conversation_id: str
     num_tokens: int = Field(description="Tokens of the committed history (inputs and outputs).")
     cached_tokens: int = Field(description="Leading tokens whose base KV is cached.")
-    cache_location: str = Field(
-        description="Where that KV lies: device, or none (host and redis come with the tiered cache)."
-    )
+    cache_location: str = Field(description="The coldest tier that KV needs: device, host, redis, or none.")
 
 
 class HealthStatus(BaseModel):
@@ -248,6 +246,11 @@ class HealthStatus(BaseModel):
 
 class ReadyStatus(BaseModel):
     status: Literal["ready", "draining"]
+    cache: Literal["ok", "degraded"] | None = Field(
+        None,
+        description="Health of the Redis cache tier (absent without --redis-url). degraded: Redis is "
+        "unreachable; caches are recomputed and serving goes on (still ready).",
+    )
 
 
 class ErrorDetail(BaseModel):

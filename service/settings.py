@@ -47,6 +47,23 @@ class Settings(BaseSettings):
     kv_cache_bytes: ByteSize = Field(
         ByteSize(1 << 30), description="Device KV-cache budget, e.g. 1GiB or 512MiB."
     )
+    kv_cache_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Size the device KV pool as this fraction of the device's free memory at start "
+        "(overrides --kv-cache-bytes), e.g. 0.8.",
+    )
+    device_cache_bytes: ByteSize | None = Field(
+        None,
+        description="KV that idle conversations keep in the device pool; beyond it the least recently "
+        "used are demoted to the host tier / Redis. Default: the whole pool.",
+    )
+    host_cache_bytes: ByteSize = Field(
+        ByteSize(1 << 30),
+        description="Host tier for conversation caches demoted from the device (pinned memory with "
+        "CUDA), e.g. 8GiB; 0 = none.",
+    )
     max_conversations: int = Field(
         10_000, ge=1, description="Conversations kept before the oldest is dropped."
     )
@@ -60,7 +77,11 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1, description="Queued requests before new ones get 429 (Retry-After).")
     redis_url: str | None = Field(
         None,
-        description="Redis URL of the shared cold cache tier (reserved: the tiered-cache release uses it).",
+        description="Redis URL of the shared cold cache tier (redis://host:6379/0, unix:///path): "
+        "conversations are written behind and any replica can resume them. Default: no Redis.",
+    )
+    redis_ttl_s: int = Field(
+        86_400, ge=1, description="Expiry of Redis cache entries in seconds, refreshed on every access."
     )
     api_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

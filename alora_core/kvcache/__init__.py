@@ -1,1 +1,1 @@
-"""Paged KV: the block pool, per-sequence block tables, and the per-conversation store."""
+"""Paged KV (block pool, block tables) and the tiered conversation caches: device -> host -> Redis."""

@@ -1,10 +1,12 @@
 """Probes and metrics, never behind auth: GET /health (alive), /ready (serving), /metrics."""
 
+from typing import Literal
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import DrainDep, MetricsDep
+from service.deps import DrainDep, EngineDep, MetricsDep
 from service.schemas import HealthStatus, ReadyStatus
 
 router = APIRouter(tags=["health"])
@@ -18,14 +20,19 @@ async def health() -> HealthStatus:
 @router.get(
     "/ready",
     response_model=ReadyStatus,
+    response_model_exclude_none=True,
     responses={503: {"model": ReadyStatus, "description": "Draining after SIGTERM: send no new traffic."}},
     summary="Readiness: model loaded and not draining",
 )
-async def ready(drain: DrainDep) -> ReadyStatus | JSONResponse:
+async def ready(drain: DrainDep, engine: EngineDep) -> ReadyStatus | JSONResponse:
     # the server only listens once the lifespan has loaded the model, so "loaded" needs no check
+    cache: Literal["ok", "degraded"] | None = None  # None: no Redis tier
+    if engine.config.redis_url:  # Redis down is still ready: requests recompute
+        cache = "degraded" if engine.cache_degraded else "ok"
     if drain.draining:
-        return JSONResponse(ReadyStatus(status="draining").model_dump(), status_code=503)
-    return ReadyStatus(status="ready")
+        body = ReadyStatus(status="draining", cache=cache).model_dump(exclude_none=True)
+        return JSONResponse(body, status_code=503)
+    return ReadyStatus(status="ready", cache=cache)
 
 
 @router.get(

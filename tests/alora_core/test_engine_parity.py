@@ -165,9 +165,9 @@ def test_full_pool_evicts_idle_conversations_and_stays_exact(make_engine, oracle
     a = random_ids(90, seed=18)
     b = random_ids(90, seed=19)
     engine.generate("a", a, SamplingParams(max_tokens=2, ignore_eos=True))
-    result = engine.generate("b", b, GREEDY)  # needs a's blocks: a loses its cache, not its history
+    result = engine.generate("b", b, GREEDY)  # needs a's blocks: a loses its last ones, not its history
     assert_matches(result, oracle, None, b)
-    assert engine.conversation("a").cached_tokens == 0
+    assert engine.conversation("a").cached_tokens < 90  # no host tier: demoted blocks are dropped
     again = engine.intrinsic("certainty", "a", None, GREEDY)
     hist_a = engine.conversation_tokens("a")
     assert_matches(again, oracle, "certainty", hist_a + invocation(engine, "certainty"))
