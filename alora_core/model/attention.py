@@ -124,7 +124,10 @@ def _grouped_attention(
     scale: float,
 ) -> list[torch.Tensor]:
     """Attention of several sequences (q [H, t, D], segments, q_offset) whose segments all start at the
-    same pool slot: the keys they share there are multiplied with all their queries at once."""
+    same pool slot: the keys they share there are multiplied with all their queries at once.
+
+    Softmax over the parts (shared run, then each sequence's own segments) without concatenating
+    them: m = max over parts, out = sum_p exp(S_p - m) @ V_p / sum_p rowsum(exp(S_p - m))."""
     num_kv_heads = k_cache.shape[0]
     start = items[0][1][0][0]
     # the shared run: common to every sequence's first segment and before every sequence's queries
@@ -133,37 +136,50 @@ def _grouped_attention(
     v_shared = v_cache[:, start : start + shared]
     # q: [H, t, D] -> [KVH, G*t, D]; row g*t + i of kv-head h is head h*G + g at query i (HF repeat_kv order).
     qgs = [q.reshape(num_kv_heads, -1, q.shape[-1]) for q, _, _ in items]
-    shared_scores = torch.cat(qgs, dim=1) @ k_shared.transpose(1, 2) * scale  # [KVH, rows, shared]
+    q_all = qgs[0] if len(qgs) == 1 else torch.cat(qgs, dim=1)
+    shared_scores = (q_all @ k_shared.transpose(1, 2)).float() * scale  # [KVH, rows, shared]
 
-    outs, shared_probs, row = [], [], 0
+    own_parts, row = [], 0
     for (q, segments, q_offset), qg in zip(items, qgs, strict=True):
         rows, t = qg.shape[1], q.shape[1]
-        rest = _skip(segments, shared)
-        scores = torch.cat(
-            [
-                shared_scores[:, row : row + rows],
-                *[qg @ k_cache[:, s:e].transpose(1, 2) * scale for s, e in rest],
-            ],
-            dim=-1,
-        )  # [KVH, G*t, num_keys]; query i sits at position q_offset + i and sees keys 0..q_offset+i
-        num_keys = scores.shape[-1]
-        if t > 1 or q_offset + t < num_keys:
-            allowed = torch.ones(t, num_keys, dtype=torch.bool, device=q.device).tril(q_offset)
-            scores = scores.masked_fill(~allowed.repeat(rows // t, 1), float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(v_cache.dtype)
-        shared_probs.append(probs[..., :shared])
-        out = torch.zeros(num_kv_heads, rows, q.shape[-1], dtype=v_cache.dtype, device=q.device)
-        offset = shared
-        for s, e in rest:
-            out += probs[..., offset : offset + e - s] @ v_cache[:, s:e]
-            offset += e - s
-        outs.append(out)
+        # query i sits at position q_offset + i and sees keys 0..q_offset+i; the shared run is all visible
+        parts, key = [], shared
+        for s, e in _skip(segments, shared):
+            scores = (qg @ k_cache[:, s:e].transpose(1, 2)).float() * scale  # [KVH, G*t, e - s]
+            if key + (e - s) - 1 > q_offset:  # some of these keys are after some queries
+                positions = torch.arange(key, key + e - s, device=q.device)
+                allowed = positions[None, :] <= q_offset + torch.arange(t, device=q.device)[:, None]
+                scores = scores.masked_fill(~allowed.repeat(rows // t, 1), float("-inf"))
+            parts.append((scores, v_cache[:, s:e]))
+            key += e - s
+        own_parts.append((shared_scores[:, row : row + rows], parts))
         row += rows
-    shared_out = torch.cat(shared_probs, dim=1) @ v_shared  # the shared prefix's values, read once
+
+    shared_exps, totals, outs = [], [], []
+    for sh, parts in own_parts:
+        m = sh.amax(dim=-1, keepdim=True) if sh.shape[-1] else None
+        for scores, _ in parts:
+            pm = scores.amax(dim=-1, keepdim=True)
+            m = pm if m is None else torch.maximum(m, pm)
+        assert m is not None
+        e_shared = torch.exp(sh - m)
+        total = e_shared.sum(dim=-1, keepdim=True)
+        out = None
+        for scores, v in parts:
+            exps = torch.exp(scores - m)
+            total = total + exps.sum(dim=-1, keepdim=True)
+            pv = exps.to(v.dtype) @ v
+            out = pv if out is None else out + pv
+        shared_exps.append(e_shared)
+        totals.append(total)
+        outs.append(out)
+    e_all = shared_exps[0] if len(shared_exps) == 1 else torch.cat(shared_exps, dim=1)
+    shared_out = e_all.to(v_shared.dtype) @ v_shared  # the shared prefix's values, read once
     result, row = [], 0
-    for (q, _, _), out in zip(items, outs, strict=True):
-        rows = out.shape[1]
-        result.append((out + shared_out[:, row : row + rows]).reshape(q.shape).to(q.dtype))
+    for (q, _, _), out, total in zip(items, outs, totals, strict=True):
+        rows = total.shape[1]
+        o = shared_out[:, row : row + rows] if out is None else shared_out[:, row : row + rows] + out
+        result.append((o.float() / total).reshape(q.shape).to(q.dtype))
         row += rows
     return result
 
