@@ -34,7 +34,7 @@ from alora_core.kvcache.host_tier import HostTier
 from alora_core.kvcache.redis_tier import RedisTier
 from alora_core.kvcache.stats import CacheCounters, CacheStats
 from alora_core.kvcache.tiers import TieredCache
-from alora_core.lora.registry import AdapterRegistry, ResidentAdapter
+from alora_core.lora.registry import AdapterRegistry
 from alora_core.model.batch import ForwardContext
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.request import Request, RequestHandle, TokenCallback
@@ -269,10 +269,6 @@ class Engine:
             on_token=on_token,
         )
         return self._submit(request)
-
-    def activation_start(self, adapter: ResidentAdapter, context: list[int]) -> int:
-        """Position of the LAST occurrence of the adapter's invocation sequence in context."""
-        return activation_start(adapter, context)
 
     def conversation(self, conversation_id: str) -> ConversationInfo:
         self._resume(conversation_id)

@@ -28,10 +28,10 @@ from starlette.requests import Request
 
 from alora_core import GenerationResult
 from alora_core.engine import EngineHandle
+from alora_core.request import TokenCallback
 from service.errors import ClientDisconnected
 
 T = TypeVar("T")
-TokenCallback = Callable[[int], None]  # the engine calls it with each sampled token id, on its thread
 EngineCall = Callable[[TokenCallback | None], EngineHandle]  # submits one engine request
 
 
