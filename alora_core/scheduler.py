@@ -226,7 +226,7 @@ class Scheduler:
 
     def _start(self, r: Request) -> Admission:
         """Resolve the context, restore and reuse the conversation's cache, take KV blocks."""
-        conv = self.conversations.get(r.conversation_id) if r.conversation_id is not None else None
+        conv = self._conversation_of(r)
         if r.kind == "generate":
             assert r.conversation_id is not None
             conv = self.conversations.get_or_create(r.conversation_id)
@@ -301,6 +301,9 @@ class Scheduler:
             generator=r.params.generator(h.device),
         )
 
+    def _conversation_of(self, r: Request) -> Conversation | None:
+        return self.conversations.get(r.conversation_id) if r.conversation_id is not None else None
+
     def _protected(self, r: Request | None = None) -> frozenset[str]:
         keys = {x.conversation_id for x in self.running if x.conversation_id is not None}
         if r is not None and r.conversation_id is not None:
@@ -365,7 +368,7 @@ class Scheduler:
         if r.seq is None:
             return
         if r.kind == "generate":
-            conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
+            conv = self._conversation_of(r)
             if conv is not None and conv.kv is r.seq.table:
                 conv.kv.truncate(min(conv.kv.num_tokens, r.restore_point))  # valid for the old history again
         else:
@@ -393,7 +396,7 @@ class Scheduler:
         seq = r.seq
         assert seq is not None
         if r.kind == "generate":
-            conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
+            conv = self._conversation_of(r)
             if conv is not None:
                 old_token_ids, conv.token_ids = conv.token_ids, seq.tokens
                 self.tiers.on_commit(conv, old_token_ids)
@@ -404,7 +407,7 @@ class Scheduler:
 
     def _abort(self, r: Request, error: BaseException) -> None:
         self._release(r)
-        conv = self.conversations.get(r.conversation_id) if r.conversation_id else None
+        conv = self._conversation_of(r)
         if r.kind == "generate" and conv is not None and not conv.token_ids:  # its first turn never finished
             self.conversations.delete(conv.key)
         if r in self.running:
