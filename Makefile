@@ -27,7 +27,7 @@ test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench-core: install
-	$(BIN)/python loadtest/bench_core.py $(ARGS)
+	$(BIN)/python -m loadtest.bench_core $(ARGS)
 
 # Operations (see README "Operations"): regenerate the Grafana dashboards from their spec; run the
 # agent load test headless against LOADTEST_HOST (default: a local `make serve`), CSV + JSON under

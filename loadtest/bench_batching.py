@@ -17,8 +17,6 @@ fan-out(4) latency <= 1.5x single. Prints a table, writes JSON.
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import sys
 import threading
@@ -31,6 +29,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from alora_core import Engine, EngineConfig, SamplingParams
 from loadtest.bench_core import build_assets, crop
+from loadtest.common import finish, machine, print_checks
 
 INTRINSICS = ("alora", "alora2", "alora")  # three aLoRA intrinsics per fan-out (two adapters)
 TURN_TOKENS = 32
@@ -214,13 +213,7 @@ def main() -> None:
     )
 
     checks = report(results, fan)
-    machine = {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": machine, "results": results, "fan_out": fan, "checks": checks}, indent=2)
-    )
-    print(f"\nJSON: {args.out}")
-    sys.exit(0 if all(c["ok"] for c in checks) else 1)
+    finish(args.out, {"machine": machine(args.threads), "results": results, "fan_out": fan}, checks)
 
 
 def report(results: dict, fan: dict) -> list[dict]:
@@ -256,9 +249,7 @@ def report(results: dict, fan: dict) -> list[dict]:
         },
         {"check": "fan-out of 4 <= 1.5x single intrinsic", "value": fan["ratio"], "ok": fan["ratio"] <= 1.5},
     ]
-    print("\ntargets:")
-    for c in checks:
-        print(f"  [{'PASS' if c['ok'] else 'FAIL'}] {c['check']}: {c['value']:.2f}")
+    print_checks(checks, digits=2)
     return checks
 
 

@@ -11,12 +11,10 @@ Bench model (random weights, float32, CPU): Llama hidden 512, intermediate 1408,
 Targets: (a) <= (c) at every N; (b)/(a) >= 80 at N = 8192; our aLoRA decode <= 1.10x our base
 decode and <= 0.8x PEFT's aLoRA decode. Prints a table, writes JSON.
 
-    python loadtest/bench_core.py [--lengths 512 2048 8192] [--decode-tokens 32] [--out FILE]
+    python -m loadtest.bench_core [--lengths 512 2048 8192] [--decode-tokens 32] [--out FILE]
 """
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from alora_core import Engine, EngineConfig, SamplingParams
 from alora_core.fixtures import AdapterRecipe, write_adapter, write_demo
+from loadtest.common import finish, machine, print_checks
 
 INVOCATION = "<|start_of_role|>certainty confidence score<|end_of_role|>"  # 6 tokens with the bench tokenizer
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -190,16 +189,7 @@ def main() -> None:
     print("PEFT done", file=sys.stderr, flush=True)
 
     checks = report(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-    }
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows, "checks": checks}, indent=2))
-    print(f"\nJSON: {args.out}")
-    sys.exit(0 if all(c["ok"] for c in checks) else 1)
+    finish(args.out, {"machine": machine(args.threads), "rows": rows}, checks)
 
 
 def report(rows: list[dict]) -> list[dict]:
@@ -232,9 +222,7 @@ def report(rows: list[dict]) -> list[dict]:
         checks.append(
             {"check": "ours aLoRA decode <= 0.8x PEFT aLoRA", "value": ratio_peft, "ok": ratio_peft <= 0.8}
         )
-    print("\ntargets:")
-    for c in checks:
-        print(f"  [{'PASS' if c['ok'] else 'FAIL'}] {c['check']}: {c['value']:.3f}")
+    print_checks(checks)
     return checks
 
 

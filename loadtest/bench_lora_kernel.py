@@ -15,16 +15,14 @@ random bf16 weights, rank-32 adapters on q/k/v/o, one 8192-token conversation:
     aLoRA intrinsic TTFT on the cached conversation (base KV reused) vs plain LoRA TTFT (recompute)
     decode tokens/s: base turn, aLoRA intrinsic
 
-    python loadtest/bench_lora_kernel.py [--skip-e2e] [--out loadtest/results/bench_lora_kernel.json]
+    python -m loadtest.bench_lora_kernel [--skip-e2e] [--out loadtest/results/bench_lora_kernel.json]
 
 Needs CUDA. `--cpu-smoke` runs tiny shapes on CPU under Triton's interpreter to check the script
 itself (its numbers mean nothing).
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from alora_core.lora.ops import masked_lora_reference
 from alora_core.model.attention import ATTN_IMPLEMENTATION
 from alora_core.model.batch import LoraBatch
 from alora_core.model.loader import LoadedModel, model_shape
+from loadtest.common import finish, machine, print_checks
 
 # alora_core.lora.triton_ops is imported inside the functions: --cpu-smoke must set TRITON_INTERPRET first
 
@@ -88,7 +87,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit(
             "bench_lora_kernel needs a CUDA GPU (the fused kernels are the CUDA path; CPU uses the torch "
-            "reference). Run it on a GPU machine: python loadtest/bench_lora_kernel.py  "
+            "reference). Run it on a GPU machine: python -m loadtest.bench_lora_kernel  "
             "(--cpu-smoke checks the script itself on CPU)"
         )
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -112,17 +111,11 @@ def main() -> None:
     e2e = None if args.skip_e2e else end_to_end(TINY if args.cpu_smoke else LLAMA_8B, args, device, dtype)
 
     checks = report(rows, qkv, e2e)
-    machine = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter smoke run)",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "platform": platform.platform(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine, "layer": rows, "qkv": qkv, "e2e": e2e, "checks": checks}
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"\nJSON: {args.out}")
-    sys.exit(0 if args.cpu_smoke or all(c["ok"] for c in checks) else 1)
+    info = machine(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter smoke run)",
+        triton=__import__("triton").__version__,
+    )
+    finish(args.out, {"machine": info, "layer": rows, "qkv": qkv, "e2e": e2e}, checks, smoke=args.cpu_smoke)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -358,9 +351,7 @@ def report(rows: list[dict], qkv: list[dict], e2e: dict | None) -> list[dict]:
         print(f"  LoRA / aLoRA TTFT        {e2e['lora_ttft_s'] / e2e['alora_ttft_s']:9.1f}x")
         for kind in ("base", "alora", "lora"):
             print(f"  {kind:<6} decode            {e2e[f'{kind}_decode_tok_s']:9.1f} tokens/s")
-    print("\ntargets:")
-    for c in checks:
-        print(f"  [{'PASS' if c['ok'] else 'FAIL'}] {c['check']}: {c['value']:.3f}")
+    print_checks(checks)
     return checks
 
 

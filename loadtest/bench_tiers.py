@@ -21,8 +21,6 @@ than recompute at N = 8192; (2) passes. Prints a table, writes JSON, exits 1 if 
 """
 
 import argparse
-import json
-import platform
 import random
 import resource
 import shutil
@@ -39,6 +37,7 @@ import torch
 
 from alora_core import Engine, EngineConfig, GenerationResult, SamplingParams
 from loadtest.bench_core import build_assets
+from loadtest.common import finish, machine, print_checks
 
 ONE = SamplingParams(max_tokens=1, ignore_eos=True)
 VISIT = SamplingParams(max_tokens=4, ignore_eos=True, return_logits=True)
@@ -330,9 +329,7 @@ def report(rows: list[dict], ws: dict | None) -> list[dict]:
                 "ok": ok,
             }
         )
-    print("\ntargets:")
-    for c in checks:
-        print(f"  [{'PASS' if c['ok'] else 'FAIL'}] {c['check']}: {c['value']:.3f}")
+    print_checks(checks)
     return checks
 
 
@@ -366,19 +363,8 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
     checks = report(rows, ws)
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "redis": redis.__version__,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": machine, "rows": rows, "working_set": ws, "checks": checks}, indent=2)
-    )
-    print(f"\nJSON: {args.out}")
-    sys.exit(0 if all(c["ok"] for c in checks) else 1)
+    info = machine(args.threads, redis=redis.__version__)
+    finish(args.out, {"machine": info, "rows": rows, "working_set": ws}, checks)
 
 
 if __name__ == "__main__":
