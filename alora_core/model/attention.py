@@ -5,15 +5,22 @@ new K/V into the pool at `slot_mapping`, then attend each sequence over its KV w
 
     pool kv[layer, 0|1]: [KVH, S, D]      a sequence = ordered slot ranges (segments) of the pool
     q: [H, t, D]  ->  grouped [KVH, G*t, D]  (G = H / KVH, no K/V repeat)
-    scores = concat_seg(q @ K_seg^T)  ->  causal mask  ->  softmax  ->  sum_seg(P_seg @ V_seg)
+    each part (a run of keys) -> (out_p, lse_p) by a fused kernel; parts merged by their logsumexp:
+        out = sum_p exp(lse_p - lse) * out_p,   lse = logsumexp_p(lse_p)
 
-No sequence's cache is ever copied: segments are views of the pool. Sequences whose KV starts at
+Keys at positions <= the first query's position are visible to every query of the step, so they
+need no mask; only the step's own new keys (at most t - 1 of them) get a causal mask. A decode
+token over one contiguous run is therefore a single unmasked kernel call.
+
+No sequence's cache is ever copied: parts are views of the pool. Sequences whose KV starts at
 the same pool slots (intrinsic forks of one conversation) share those keys physically, so their
-queries meet the shared prefix in one matmul and it is read from memory once per step:
+queries meet the shared prefix in one call and it is read from memory once per step:
 
     shared prefix K [KVH, n, D]  <-  Q of fork 1 | fork 2 | fork 3   (rows stacked)
 
-A single-segment sequence with many queries (prefill) goes through torch SDPA on the same views.
+The part kernel on CPU is ATen's flash attention for CPU (it returns the logsumexp); elsewhere a
+matmul reference (`_part_matmul`) computes the same. A single-run sequence with many queries
+(prefill) goes through torch SDPA on the pool view.
 """
 
 from collections import defaultdict
@@ -26,12 +33,15 @@ from alora_core.model.batch import StepBatch
 
 ATTN_IMPLEMENTATION = "alora_paged"
 
-# Above this many query rows a contiguous sequence uses SDPA (fused, no score matrix in memory).
+# Above this many query rows a contiguous sequence uses SDPA (fused, causal mask built in).
 SDPA_MIN_QUERIES = 16
-# Bound on the score matrix of the grouped path (elements); queries are processed in chunks below it.
+# Bound on the score matrix of the matmul reference path (elements); rows are processed in chunks below it.
 MAX_SCORE_ELEMENTS = 1 << 24
 
 Segments = tuple[tuple[int, int], ...]
+Part = tuple[torch.Tensor, torch.Tensor]  # (out [KVH, rows, D], logsumexp [KVH, rows] float32)
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def paged_attention_forward(
@@ -62,14 +72,12 @@ def paged_attention_forward(
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         q = query[0, :, rows]  # [H, t, D]
         q_offset = seq.context_len - seq.query_len
-        if _small(num_heads, seq.query_len, seq.context_len) and not _use_sdpa(
-            seq.kv_segments, seq.query_len
-        ):
-            by_first_slot[seq.kv_segments[0][0]].append((rows, q, seq.kv_segments, q_offset))
-        else:
+        if _use_sdpa(seq.kv_segments, seq.query_len):
             out[rows] = attend(q, k_cache, v_cache, seq.kv_segments, q_offset, scale).transpose(0, 1)
+        else:
+            by_first_slot[seq.kv_segments[0][0]].append((rows, q, seq.kv_segments, q_offset))
     for items in by_first_slot.values():
-        outs = _grouped_attention([(q, segs, off) for _, q, segs, off in items], k_cache, v_cache, scale)
+        outs = attend_forks([(q, segs, off) for _, q, segs, off in items], k_cache, v_cache, scale)
         for (rows, _, _, _), o in zip(items, outs, strict=True):
             out[rows] = o.transpose(0, 1)
     return out.unsqueeze(0), None
@@ -86,102 +94,108 @@ def attend(
     """Causal attention of q ([H, t, D], positions q_offset..q_offset+t-1) over the keys at positions
     0..q_offset+t-1, stored in `segments` of the caches ([KVH, S, D]); the segments cover exactly
     q_offset+t slots. Returns [H, t, D]."""
-    num_heads, t, _head_dim = q.shape
-    if _use_sdpa(segments, t):
-        start, end = segments[0]
-        k = k_cache[:, start:end].unsqueeze(0)  # [1, KVH, n, D] view
-        v = v_cache[:, start:end].unsqueeze(0)
-        if q_offset == 0:
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(0), k, v, is_causal=True, scale=scale, enable_gqa=True
-            )
-        else:
-            mask = torch.ones(t, end - start, dtype=torch.bool, device=q.device).tril(q_offset)
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(0), k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        return o[0]
-    chunk = max(1, MAX_SCORE_ELEMENTS // (num_heads * (q_offset + t)))
-    parts = [
-        _grouped_attention([(q[:, i : i + chunk], segments, q_offset + i)], k_cache, v_cache, scale)[0]
-        for i in range(0, t, chunk)
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    t = q.shape[1]
+    if not _use_sdpa(segments, t):
+        return attend_forks([(q, segments, q_offset)], k_cache, v_cache, scale)[0]
+    start, end = segments[0]
+    k = k_cache[:, start:end].unsqueeze(0)  # [1, KVH, n, D] view
+    v = v_cache[:, start:end].unsqueeze(0)
+    if q_offset == 0:
+        o = F.scaled_dot_product_attention(q.unsqueeze(0), k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        mask = torch.ones(t, end - start, dtype=torch.bool, device=q.device).tril(q_offset)
+        o = F.scaled_dot_product_attention(q.unsqueeze(0), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0]
 
 
 def _use_sdpa(segments: Segments, t: int) -> bool:
     return len(segments) == 1 and t >= SDPA_MIN_QUERIES
 
 
-def _small(num_heads: int, t: int, context_len: int) -> bool:
-    return num_heads * t * context_len <= MAX_SCORE_ELEMENTS
-
-
-def _grouped_attention(
+def attend_forks(
     items: list[tuple[torch.Tensor, Segments, int]],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     scale: float,
 ) -> list[torch.Tensor]:
     """Attention of several sequences (q [H, t, D], segments, q_offset) whose segments all start at the
-    same pool slot: the keys they share there are multiplied with all their queries at once.
-
-    Softmax over the parts (shared run, then each sequence's own segments) without concatenating
-    them: m = max over parts, out = sum_p exp(S_p - m) @ V_p / sum_p rowsum(exp(S_p - m))."""
+    same pool slot: the run of keys they share there, visible to all their queries, is one part for
+    all their rows at once; each sequence's remaining keys are its own parts. Returns [H, t, D] each."""
     num_kv_heads = k_cache.shape[0]
     start = items[0][1][0][0]
-    # the shared run: common to every sequence's first segment and before every sequence's queries
-    shared = min(min(segs[0][1] for _, segs, _ in items) - start, min(off for _, _, off in items))
-    k_shared = k_cache[:, start : start + shared]  # [KVH, shared, D] view
-    v_shared = v_cache[:, start : start + shared]
+    # the shared run: common to every sequence's first segment and visible to every query (key <= q_offset)
+    shared = min(min(segs[0][1] for _, segs, _ in items) - start, min(off for _, _, off in items) + 1)
     # q: [H, t, D] -> [KVH, G*t, D]; row g*t + i of kv-head h is head h*G + g at query i (HF repeat_kv order).
     qgs = [q.reshape(num_kv_heads, -1, q.shape[-1]) for q, _, _ in items]
     q_all = qgs[0] if len(qgs) == 1 else torch.cat(qgs, dim=1)
-    shared_scores = (q_all @ k_shared.transpose(1, 2)).float() * scale  # [KVH, rows, shared]
-
-    own_parts, row = [], 0
+    shared_out, shared_lse = _part(
+        q_all, k_cache[:, start : start + shared], v_cache[:, start : start + shared], None, scale
+    )
+    results, row = [], 0
     for (q, segments, q_offset), qg in zip(items, qgs, strict=True):
         rows, t = qg.shape[1], q.shape[1]
-        # query i sits at position q_offset + i and sees keys 0..q_offset+i; the shared run is all visible
-        parts, key = [], shared
+        parts = [(shared_out[:, row : row + rows], shared_lse[:, row : row + rows])]
+        row += rows
+        key = shared  # position of the first key of the next segment
         for s, e in _skip(segments, shared):
-            scores = (qg @ k_cache[:, s:e].transpose(1, 2)).float() * scale  # [KVH, G*t, e - s]
-            if key + (e - s) - 1 > q_offset:  # some of these keys are after some queries
-                positions = torch.arange(key, key + e - s, device=q.device)
+            visible = min(e - s, max(0, q_offset + 1 - key))  # keys seen by every query of this step
+            if visible:
+                parts.append(_part(qg, k_cache[:, s : s + visible], v_cache[:, s : s + visible], None, scale))
+            if visible < e - s:  # this step's own later keys: query i sees positions <= q_offset + i
+                positions = torch.arange(key + visible, key + e - s, device=q.device)
                 allowed = positions[None, :] <= q_offset + torch.arange(t, device=q.device)[:, None]
-                scores = scores.masked_fill(~allowed.repeat(rows // t, 1), float("-inf"))
-            parts.append((scores, v_cache[:, s:e]))
+                mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                    ~allowed, float("-inf")
+                )
+                ks, vs = k_cache[:, s + visible : e], v_cache[:, s + visible : e]
+                parts.append(_part(qg, ks, vs, mask.repeat(rows // t, 1), scale))
             key += e - s
-        own_parts.append((shared_scores[:, row : row + rows], parts))
-        row += rows
+        results.append(_merge(parts).reshape(q.shape).to(q.dtype))
+    return results
 
-    shared_exps, totals, outs = [], [], []
-    for sh, parts in own_parts:
-        m = sh.amax(dim=-1, keepdim=True) if sh.shape[-1] else None
-        for scores, _ in parts:
-            pm = scores.amax(dim=-1, keepdim=True)
-            m = pm if m is None else torch.maximum(m, pm)
-        assert m is not None
-        e_shared = torch.exp(sh - m)
-        total = e_shared.sum(dim=-1, keepdim=True)
-        out = None
-        for scores, v in parts:
-            exps = torch.exp(scores - m)
-            total = total + exps.sum(dim=-1, keepdim=True)
-            pv = exps.to(v.dtype) @ v
-            out = pv if out is None else out + pv
-        shared_exps.append(e_shared)
-        totals.append(total)
-        outs.append(out)
-    e_all = shared_exps[0] if len(shared_exps) == 1 else torch.cat(shared_exps, dim=1)
-    shared_out = e_all.to(v_shared.dtype) @ v_shared  # the shared prefix's values, read once
-    result, row = [], 0
-    for (q, _, _), out, total in zip(items, outs, totals, strict=True):
-        rows = total.shape[1]
-        o = shared_out[:, row : row + rows] if out is None else shared_out[:, row : row + rows] + out
-        result.append((o.float() / total).reshape(q.shape).to(q.dtype))
-        row += rows
-    return result
+
+def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> Part:
+    """Attention of q [KVH, r, D] over one run of keys k, v [KVH, n, D] (views), with an optional additive
+    mask [r, n]: (out [KVH, r, D], logsumexp [KVH, r]). A row that sees no key gets out 0, lse -inf."""
+    if _FLASH_CPU is None or q.device.type != "cpu":
+        return _part_matmul(q, k, v, mask, scale)
+    out, lse = _FLASH_CPU(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale)
+    lse = lse[0].float()
+    if mask is not None:  # the kernel reports lse 0 for a row with every key masked; it must weigh nothing
+        lse = lse.masked_fill(torch.isneginf(mask).all(dim=-1), float("-inf"))
+    return out[0], lse
+
+
+def _part_matmul(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> Part:
+    """The reference of `_part` in plain matmuls (any device), in row chunks of bounded score size."""
+    chunk = max(1, MAX_SCORE_ELEMENTS // (k.shape[0] * k.shape[1]))
+    outs, lses = [], []
+    for i in range(0, q.shape[1], chunk):
+        scores = (q[:, i : i + chunk] @ k.transpose(1, 2)).float() * scale  # [KVH, r, n]
+        if mask is not None:
+            scores = scores + mask[i : i + chunk].float()
+        lse = torch.logsumexp(scores, dim=-1)
+        finite = torch.where(torch.isneginf(lse), 0.0, lse)  # an all-masked row: exp(-inf) = 0, not nan
+        outs.append(torch.exp(scores - finite.unsqueeze(-1)).to(v.dtype) @ v)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+
+
+def _merge(parts: list[Part]) -> torch.Tensor:
+    """Softmax over the union of the parts' keys, from each part's normalized output and logsumexp."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.logsumexp(torch.stack([p_lse for _, p_lse in parts]), dim=0)
+    out = None
+    for p_out, p_lse in parts:
+        weighted = p_out.float() * torch.exp(p_lse - lse).unsqueeze(-1)
+        out = weighted if out is None else out + weighted
+    assert out is not None
+    return out
 
 
 def _skip(segments: Segments, n: int) -> Segments:

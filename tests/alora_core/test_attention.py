@@ -17,12 +17,23 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+@pytest.fixture(params=["flash_cpu", "matmul", "matmul_chunked"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs with ATen's CPU flash kernel for the parts, and with the matmul reference
+    (the path of other devices), whole and in row chunks of a tiny score bound."""
+    if request.param == "flash_cpu":
+        assert attention._FLASH_CPU is not None, "this torch has no CPU flash attention op"
+    else:
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    if request.param == "matmul_chunked":
+        monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 64)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("t", [1, 3, 16, 40])
 @pytest.mark.parametrize("pieces", [1, 3])
-@pytest.mark.parametrize("chunked", [False, True])
-def test_attend_over_segments(t: int, pieces: int, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if chunked:
-        monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 64)
+def test_attend_over_segments(t: int, pieces: int, kernel: str) -> None:
+    """With 3 pieces and t = 40 the new keys span segments, so some rows of a masked part see no key."""
     gen = torch.Generator().manual_seed(t * 10 + pieces)
     kvh, heads, dim, n = 2, 6, 8, 50
     cache_k = torch.randn(kvh, 400, dim, generator=gen)
@@ -40,7 +51,7 @@ def test_attend_over_segments(t: int, pieces: int, chunked: bool, monkeypatch: p
     torch.testing.assert_close(out, reference(q, k, v, n - t, 0.3), atol=1e-5, rtol=1e-5)
 
 
-def test_forks_sharing_a_prefix_are_attended_together() -> None:
+def test_forks_sharing_a_prefix_are_attended_together(kernel: str) -> None:
     """Several sequences whose KV starts at the same slots (forks): one matmul over the shared keys."""
     gen = torch.Generator().manual_seed(7)
     kvh, heads, dim = 2, 4, 8
@@ -63,7 +74,7 @@ def test_forks_sharing_a_prefix_are_attended_together() -> None:
         v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
         expected.append(reference(q, k, v, n - t, 0.25))
 
-    outs = attention._grouped_attention(items, cache_k, cache_v, 0.25)
+    outs = attention.attend_forks(items, cache_k, cache_v, 0.25)
 
     for out, ref in zip(outs, expected, strict=True):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

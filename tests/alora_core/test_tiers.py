@@ -16,7 +16,10 @@ from tests.alora_core.test_engine_parity import GREEDY, assert_matches, invocati
 
 PARAMS = SamplingParams(max_tokens=4, ignore_eos=True, return_logits=True)
 BLOCK_BYTES = 2 * 2 * 2 * 16 * 16 * 4  # tiny model: layers, K|V, KV heads, block size 16, head dim, fp32
-LOGITS_ATOL = 1e-5  # restored K/V are the same bytes; only where they lie in the pool differs
+# Restored K/V are the same bytes; only where they lie in the pool differs, so attention splits the
+# keys into other runs and merges their softmax in another order: float32 rounding, ~1e-6 relative
+# on logits of magnitude ~3. A wrong or stale block moves logits by O(1).
+LOGITS_ATOL = 3e-5
 
 
 Step = tuple[str, str, int]  # (kind, conversation, seed): a base turn or an intrinsic
