@@ -5,10 +5,10 @@
                                                        [i*K, (i+1)*K) of the conversation (codec.py)
 
 K = blocks per value (a few MB). The `{...}` hash tag keeps a conversation in one Redis Cluster slot.
-A write replaces a conversation's chunks and metadata in one MULTI/EXEC; reads are pipelined GETEX
-(TTL refreshed on access). Two daemon threads do all the I/O: the scheduler thread never waits on
-Redis. Any Redis error marks the tier degraded (callers recompute) and opens a circuit breaker that
-retries with backoff, so a Redis that comes back is used again without a restart.
+A write replaces a conversation's chunks and metadata in one MULTI/EXEC; reads are GETEX (TTL
+refreshed on access), pipelined FETCH_WINDOW deep. Two daemon threads do all the I/O: the scheduler
+thread never waits on Redis. Any Redis error marks the tier degraded (callers recompute) and opens a
+circuit breaker that retries with backoff, so a Redis that comes back is used again without a restart.
 """
 
 import logging
@@ -46,6 +46,10 @@ from alora_core.kvcache.stats import CacheCounters
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.RedisError, OSError)
+# Chunk reads in flight on one connection. Redis copies each reply into its output buffer before
+# sending: with the whole conversation requested at once that buffer grows to the conversation's
+# size (fresh pages, faulted in, every restore); a few values in flight keep it small and reused.
+FETCH_WINDOW = 2
 
 
 @dataclass
@@ -427,18 +431,18 @@ class RedisTier:
         stream = torch.cuda.Stream(job.pool.kv.device) if job.pool.kv.is_cuda else None
         pool = self._client.connection_pool
         conn = None
-        try:  # pipelined: all requests sent, each reply decoded and copied while the next arrives
+        try:  # pipelined, FETCH_WINDOW requests in flight: a reply is checked and copied while the next arrives
             conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands(commands))
+            window = FETCH_WINDOW
+            conn.send_packed_command(conn.pack_commands(commands[:window]))
             filling = True
-            for i in chunks:
-                try:
-                    value = conn.read_response()
-                except redis.ResponseError as exc:  # e.g. a key of another type: the reply is consumed
-                    value = exc
+            for n, i in enumerate(chunks):
+                value = _read_response(conn)
+                if n + window < len(commands):
+                    conn.send_packed_command(conn.pack_command(*commands[n + window]))
                 if filling:
                     filling = self._accept(job, i, value, headers[i], tenant, stream)
-            conn.read_response()
+            _read_response(conn)
         except REDIS_ERRORS as exc:
             if conn is not None:
                 conn.disconnect()
@@ -475,3 +479,11 @@ class RedisTier:
                 reason = "stale"
         self.counters.discarded_entries[reason] += 1
         return False
+
+
+def _read_response(conn: redis.Connection) -> object:
+    """One reply; an error reply (e.g. a key of another type) is returned, not raised: it is consumed."""
+    try:
+        return conn.read_response()
+    except redis.ResponseError as exc:
+        return exc

@@ -207,6 +207,16 @@ def test_damaged_entries_are_discarded_and_recomputed(
             reader.conversation("t3:c")
         assert reader.cache_stats().discarded_entries == {damage: 2}
 
+    # the damaged reply was read to its end: the next restore on the same connection is whole and exact
+    other_meta = keys.lookup("t1:other")
+    assert other_meta is not None and other_meta.num_chunks > 2  # more values than reads in flight
+    reference.generate("t1:other", random_ids(150, seed=8), setup)
+    result = reader.intrinsic("certainty", "t1:other", None, PARAMS)
+    expected = reference.intrinsic("certainty", "t1:other", None, PARAMS)
+    assert result.token_ids == expected.token_ids
+    torch.testing.assert_close(result.logits, expected.logits, atol=1e-5, rtol=0)
+    assert result.usage.cached_tokens == other_meta.cached_tokens
+
 
 def test_hundreds_of_conversations_stay_within_budgets(
     make_engine: Callable[..., Engine], redis_server: RedisServer
