@@ -7,9 +7,14 @@ Layout, chosen so any run of consecutive blocks is a zero-copy [KVH, n, D] view 
 
 A block is also the unit of sharing (intrinsic forks), spilling and Redis values. Allocation prefers
 the block right after a sequence's last one, so a growing conversation stays one contiguous run.
-"""
+A run that must start afresh goes into the largest free gap, after half of the room it does not
+need, which is left for the run before it to grow into:
 
-import heapq
+    |aaaa.......................|  ->  |aaaa.........bbbb..........|  ->  |aaaaaa.......bbbbbbb.......|
+
+Attention reads one run with one fused kernel call; every extra run of a sequence costs another
+call and a softmax merge per layer (bench_batching: 16 decoding 2K conversations, 72 -> 62 ms/step).
+"""
 
 import torch
 
@@ -41,8 +46,8 @@ class BlockPool:
             device=device,
         )
         self._ref_counts = [0] * num_blocks
-        self._free = set(range(num_blocks))
-        self._free_heap = list(range(num_blocks))  # lazily pruned: ids may have been taken via `after`
+        self._free = bytearray(b"\x01") * num_blocks  # 1 = free; viewed as a tensor to find gaps
+        self._num_free = num_blocks
 
     @staticmethod
     def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
@@ -51,31 +56,41 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 
     def allocate(self, n: int, after: int | None = None) -> list[int]:
         """Take n free blocks (ref count 1), continuing the run after block `after` where possible."""
-        if n > len(self._free):
+        if n > self._num_free:
             raise CapacityError(
-                f"KV pool exhausted: need {n} blocks, {len(self._free)} of {self.num_blocks} free"
+                f"KV pool exhausted: need {n} blocks, {self._num_free} of {self.num_blocks} free"
             )
         blocks: list[int] = []
         nxt = None if after is None else after + 1
         while len(blocks) < n:
-            if nxt is not None and nxt in self._free:
-                block = nxt
-            else:
-                block = heapq.heappop(self._free_heap)
-                if block not in self._free:
-                    continue
-            self._free.discard(block)
+            block = (
+                nxt
+                if nxt is not None and nxt < self.num_blocks and self._free[nxt]
+                else self._fresh_start(n - len(blocks))
+            )
+            self._free[block] = 0
             self._ref_counts[block] = 1
             blocks.append(block)
             nxt = block + 1
+        self._num_free -= n
         return blocks
+
+    def _fresh_start(self, n: int) -> int:
+        """The block where a new run of n blocks starts: in the largest free gap, after half of the
+        room the run does not need (none when the gap begins the pool: no run before it grows)."""
+        free = torch.frombuffer(self._free, dtype=torch.int8)
+        edges = torch.diff(free, prepend=free.new_zeros(1), append=free.new_zeros(1))
+        starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+        longest = int(torch.argmax(ends - starts))
+        start, end = int(starts[longest]), int(ends[longest])
+        return start if start == 0 else start + max(0, end - start - n) // 2
 
     def retain(self, blocks: list[int]) -> None:
         for b in blocks:
@@ -87,10 +102,8 @@ class BlockPool:
             assert self._ref_counts[b] > 0, f"double free of block {b}"
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
-                self._free.add(b)
-                heapq.heappush(self._free_heap, b)
-        if len(self._free_heap) > 2 * self.num_blocks:  # drop stale entries left by `after` allocations
-            self._free_heap = sorted(self._free)
+                self._free[b] = 1
+                self._num_free += 1
 
     def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         """Copy the first num_tokens slots of block src into block dst (all layers, K and V)."""

@@ -39,16 +39,27 @@ def test_growing_table_stays_one_contiguous_segment(pool: BlockPool) -> None:
 
 
 def test_segments_cover_exactly_the_positions(pool: BlockPool) -> None:
-    other = BlockTable(pool)
-    other.reserve(BS)  # block 0 taken
+    held = pool.allocate(16)  # the whole pool, then free holes: [1], later [4] and [6, 7]
+    pool.release([held[1]])
     table = BlockTable(pool)
-    table.reserve(BS)  # block 1
-    other.reserve(2 * BS)  # block 2 goes to `other`
-    table.reserve(3 * BS)  # blocks 3, 4
-    assert table.blocks == [1, 3, 4]
-    assert table.segments(9) == ((4, 8), (12, 17))
+    table.reserve(BS)  # block 1, the only free one
+    pool.release([held[4], held[6], held[7]])
+    table.reserve(3 * BS)  # block 2 is taken: a fresh run of 2 in the largest gap, [6, 8)
+    assert table.blocks == [1, 6, 7]
+    assert table.segments(9) == ((4, 8), (24, 29))
     slots = torch.cat([torch.arange(s, e) for s, e in table.segments(9)])
     assert slots.tolist() == table.slots(0, 9).tolist()
+
+
+def test_fresh_runs_start_mid_gap_so_interleaved_growth_stays_contiguous(pool: BlockPool) -> None:
+    a, b = BlockTable(pool), BlockTable(pool)
+    a.reserve(2 * BS)  # blocks 0, 1: the gap starts the pool
+    b.reserve(2 * BS)  # blocks 8, 9: the free gap [2, 16) after half of the 12 blocks b does not need
+    for n in range(3, 8):  # both grow a block at a time, alternately
+        a.reserve(n * BS)
+        b.reserve(n * BS)
+    assert a.segments(7 * BS) == ((0, 7 * BS),)
+    assert b.segments(7 * BS) == ((8 * BS, 15 * BS),)
 
 
 def test_fork_shares_full_blocks_and_copies_the_partial_one(pool: BlockPool) -> None:
