@@ -431,15 +431,14 @@ class RedisTier:
         stream = torch.cuda.Stream(job.pool.kv.device) if job.pool.kv.is_cuda else None
         pool = self._client.connection_pool
         conn = None
-        try:  # pipelined, FETCH_WINDOW requests in flight: a reply is checked and copied while the next arrives
+        try:  # FETCH_WINDOW requests in flight: a reply is checked and copied while the next arrives
             conn = pool.get_connection()
-            window = FETCH_WINDOW
-            conn.send_packed_command(conn.pack_commands(commands[:window]))
+            conn.send_packed_command(conn.pack_commands(commands[:FETCH_WINDOW]))
             filling = True
             for n, i in enumerate(chunks):
                 value = _read_response(conn)
-                if n + window < len(commands):
-                    conn.send_packed_command(conn.pack_command(*commands[n + window]))
+                if n + FETCH_WINDOW < len(commands):
+                    conn.send_packed_command(conn.pack_command(*commands[n + FETCH_WINDOW]))
                 if filling:
                     filling = self._accept(job, i, value, headers[i], tenant, stream)
             _read_response(conn)
