@@ -13,6 +13,7 @@ Targets: batched >= 4x PEFT and >= 3x batch1 output tokens/s; batched p50 intrin
 fan-out(4) latency <= 1.5x single. Prints a table, writes JSON.
 
     python -m loadtest.bench_batching [--conversations 16] [--history 2048] [--out FILE]
+    python -m loadtest.bench_batching --device cuda      (the same workload on a GPU, float32)
 """
 
 import argparse
@@ -99,7 +100,7 @@ def run_peft(
     for i in range(convs):  # warm-up (not timed): each conversation's history in its own base cache
         ids = history(i, n)
         cache = DynamicCache(config=base.config)
-        base(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True)
+        base(input_ids=torch.tensor([ids[:-1]], device=base.device), past_key_values=cache, use_cache=True)
         caches.append(cache)
         histories.append(ids)
     t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def greedy(
 ) -> tuple[list[int], float]:
     """Greedy decode continuing `cache` (which holds ids[:cached]); returns (new tokens, time of the first)."""
     cached = cache.get_seq_length()
-    feed = torch.tensor([ids[cached:]])
+    feed = torch.tensor([ids[cached:]], device=model.device)
     kwargs = {}
     out: list[int] = []
     first = 0.0
@@ -141,7 +142,7 @@ def greedy(
         if step == 0:
             first = time.perf_counter()
         out.append(token)
-        feed = torch.tensor([[token]])
+        feed = torch.tensor([[token]], device=model.device)
     return out, first
 
 
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=2048)
     parser.add_argument("--fan-out-history", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (the targets' setting) or cuda")
     parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_batching.json"))
     args = parser.parse_args()
@@ -184,7 +186,7 @@ def main() -> None:
     model_dir, adapter_dirs = build_assets(args.assets)
     adapter_dirs = {**adapter_dirs, "alora2": adapter_dirs["alora"]}  # same weights, own slot and name
     engine = Engine.from_config(
-        EngineConfig(model=str(model_dir), device="cpu", dtype="float32", max_num_batched_tokens=512),
+        EngineConfig(model=str(model_dir), device=args.device, dtype="float32", max_num_batched_tokens=512),
         {k: v for k, v in adapter_dirs.items() if k != "lora"},
     )
     convs = [f"agent{i}" for i in range(args.conversations)]
@@ -201,9 +203,10 @@ def main() -> None:
     print("fan-out done", file=sys.stderr, flush=True)
     engine.close()
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device).eval()
     alora = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), str(adapter_dirs["alora"])
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device),
+        str(adapter_dirs["alora"]),
     ).eval()
     invocations = {
         name: list(alora.peft_config["default"].alora_invocation_tokens) for name in ("alora", "alora2")
@@ -213,7 +216,8 @@ def main() -> None:
     )
 
     checks = report(results, fan)
-    finish(args.out, {"machine": machine(args.threads), "results": results, "fan_out": fan}, checks)
+    info = machine(args.threads, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+    finish(args.out, {"machine": info, "results": results, "fan_out": fan}, checks)
 
 
 def report(results: dict, fan: dict) -> list[dict]:

@@ -149,6 +149,38 @@ class SharedInputGroup:
         return ", ".join(f"{m.in_features}->{m.out_features}" for m in self.members)
 
 
+def warm_up_kernels(model: nn.Module) -> int:
+    """Compile and tune the fused kernels for every LoRA group shape of `model` now, instead of in the
+    step of the first request that needs them (a stall of seconds: autotuning compiles every config).
+    Covers both token-block sizes and odd and even token counts, the launch variants Triton specializes
+    on. Once per distinct (shapes, dtype, rank block); returns how many were warmed."""
+    from alora_core.lora.triton_ops import LARGE_BLOCK_M, masked_lora_triton, token_blocks
+
+    seen: set[tuple[object, ...]] = set()
+    for module in model.modules():
+        group = module.group if isinstance(module, MaskedLoRALinear) else None
+        if group is None or not group.stack.slots:
+            continue
+        stack = group.stack
+        weight = group.members[0].base_layer.weight
+        key = (stack.in_features, tuple(stack.out_features), weight.dtype, stack.weights.rank_block)
+        if key in seen:
+            continue
+        seen.add(key)
+        slot = min(stack.slots)
+        outs = stack.out_features
+        calls = [(0, outs)] if group.shares_input else [(i, outs[i : i + 1]) for i in range(len(outs))]
+        with torch.inference_mode():
+            for n in (1, 2, LARGE_BLOCK_M, LARGE_BLOCK_M + 1):
+                x = torch.zeros(n, stack.in_features, dtype=weight.dtype, device=weight.device)
+                lora = LoraBatch.from_index(torch.full((n,), slot, dtype=torch.long, device=weight.device))
+                assert lora is not None
+                for first, sizes in calls:
+                    ys = [torch.zeros(n, out, dtype=weight.dtype, device=weight.device) for out in sizes]
+                    masked_lora_triton(ys, x, token_blocks(lora), stack, first_slice=first)
+    return len(seen)
+
+
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Full name -> (in, out) of every linear layer a LoRA may target (wrapped ones by their base)."""
     shapes = {}

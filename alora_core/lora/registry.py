@@ -17,7 +17,13 @@ from transformers import PreTrainedTokenizerBase
 
 from alora_core.errors import AdapterConflictError, AdapterLoadError, UnknownAdapterError
 from alora_core.lora.adapters import AdapterSpec, read_adapter
-from alora_core.lora.layer import MaskedLoRALinear, install, linear_shapes, lora_kernel_available
+from alora_core.lora.layer import (
+    MaskedLoRALinear,
+    install,
+    linear_shapes,
+    lora_kernel_available,
+    warm_up_kernels,
+)
 from alora_core.model.batch import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,8 @@ class AdapterRegistry:
             for module_name, weights in spec.weights.items():
                 install(self._model, module_name, self._ctx).set_slot(resident.slot, weights)
             self._by_name[name] = resident
+        if warmed := warm_up_kernels(self._model):  # CUDA: compile now, not in a request's step
+            log.info("adapter %s: fused LoRA kernels ready for %d layer shapes", name, warmed)
         log.info(
             "adapter %s: %s rank %d on %s (slot %d)%s",
             name,

@@ -21,15 +21,25 @@ queries meet the shared prefix in one call and it is read from memory once per s
 The part kernel on CPU is ATen's flash attention for CPU (it returns the logsumexp); elsewhere a
 matmul reference (`_part_matmul`) computes the same. A single-run sequence with many queries
 (prefill) goes through torch SDPA on the pool view.
+
+On a GPU (GATHER_DEVICES) the per-sequence calls above cost more in launches than the attention
+itself: there the short-query sequences of a step (decode tokens, intrinsic invocations, chunks over
+several runs) attend in padded batches instead. Each batch gathers its sequences' keys into a
+transient [B, KVH, L, D] copy and makes one SDPA call with a causal-and-padding mask; the plan (slot
+and row indices, mask) is built once per step and shared by every layer:
+
+    K pool [KVH, S, D] --index_select(slots [B*L])--> [B, KVH, L, D]  <-  Q [B, KVH, G*Tq, D]
 """
 
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from alora_core.model.batch import StepBatch
+from alora_core.model.batch import SeqSpan, StepBatch
 
 ATTN_IMPLEMENTATION = "alora_paged"
 
@@ -37,6 +47,11 @@ ATTN_IMPLEMENTATION = "alora_paged"
 SDPA_MIN_QUERIES = 16
 # Bound on the score matrix of the matmul reference path (elements); rows are processed in chunks below it.
 MAX_SCORE_ELEMENTS = 1 << 24
+# Devices whose short-query sequences attend in gathered, padded batches (one SDPA call per batch).
+GATHER_DEVICES = frozenset({"cuda"})
+# Bounds on one gathered batch: key elements copied (B * L * KVH * D, as much again for V) and scores.
+MAX_GATHER_ELEMENTS = 1 << 26
+MAX_GATHER_SCORES = 1 << 28
 
 Segments = tuple[tuple[int, int], ...]
 Part = tuple[torch.Tensor, torch.Tensor]  # (out [KVH, rows, D], logsumexp [KVH, rows] float32)
@@ -67,6 +82,7 @@ def paged_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     num_heads = query.shape[1]
     out = torch.empty(query.shape[2], num_heads, query.shape[3], dtype=query.dtype, device=query.device)
+    gather = query.device.type in GATHER_DEVICES
     by_first_slot: dict[int, list[tuple[slice, torch.Tensor, Segments, int]]] = defaultdict(list)
     for seq in step_batch.seqs:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
@@ -74,8 +90,17 @@ def paged_attention_forward(
         q_offset = seq.context_len - seq.query_len
         if _use_sdpa(seq.kv_segments, seq.query_len):
             out[rows] = attend(q, k_cache, v_cache, seq.kv_segments, q_offset, scale).transpose(0, 1)
-        else:
+        elif not gather:
             by_first_slot[seq.kv_segments[0][0]].append((rows, q, seq.kv_segments, q_offset))
+    if gather:
+        groups = num_heads // k_cache.shape[0]
+        plan = step_batch.derived.get(("gather", groups))
+        if plan is None:
+            short = [s for s in step_batch.seqs if not _use_sdpa(s.kv_segments, s.query_len)]
+            plan = gather_plan(short, groups, k_cache.shape[0] * k_cache.shape[2], query.device)
+            step_batch.derived[("gather", groups)] = plan
+        for batch in cast(list[GatherBatch], plan):
+            attend_gathered(batch, query[0], k_cache, v_cache, scale, out)
     for items in by_first_slot.values():
         outs = attend_forks([(q, segs, off) for _, q, segs, off in items], k_cache, v_cache, scale)
         for (rows, _, _, _), o in zip(items, outs, strict=True):
@@ -106,6 +131,87 @@ def attend(
         mask = torch.ones(t, end - start, dtype=torch.bool, device=q.device).tril(q_offset)
         o = F.scaled_dot_product_attention(q.unsqueeze(0), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return o[0]
+
+
+@dataclass(frozen=True)
+class GatherBatch:
+    """B sequences padded to Tq query rows and L keys each (see the module docstring)."""
+
+    slots: torch.Tensor  # [B*L] pool slots of each sequence's keys in order (padding: its first slot)
+    q_rows: torch.Tensor  # [B*Tq] rows of the step's query (padding repeats the sequence's last row)
+    mask: (
+        torch.Tensor
+    )  # [B, 1, G*Tq, L] bool, True = visible: row g*Tq + i of a sequence sees keys <= its position
+    real: torch.Tensor  # [n] indices into the padded B*Tq rows that are real queries
+    out_rows: torch.Tensor  # [n] rows of the step's output they fill
+    shape: tuple[int, int, int]  # (B, Tq, L)
+
+
+def gather_plan(seqs: list[SeqSpan], groups: int, key_width: int, device: torch.device) -> list[GatherBatch]:
+    """Pack sequences (SeqSpan) into padded batches, shortest first, within the gather bounds.
+    key_width = KVH * D (elements per key slot and layer)."""
+    batches: list[list[SeqSpan]] = []
+    for seq in sorted(seqs, key=lambda s: (s.query_len, s.context_len)):
+        if batches:
+            trial = [*batches[-1], seq]
+            b, tq, keys = (
+                len(trial),
+                max(s.query_len for s in trial),
+                _padded(max(s.context_len for s in trial)),
+            )
+            if b * keys * key_width <= MAX_GATHER_ELEMENTS and b * groups * tq * keys <= MAX_GATHER_SCORES:
+                batches[-1] = trial
+                continue
+        batches.append([seq])
+    return [_gather_batch(batch, groups, device) for batch in batches]
+
+
+def _padded(n: int) -> int:
+    return -(-n // 16) * 16  # keys padded to a multiple of 16: aligned rows for the fused SDPA kernels
+
+
+def _gather_batch(seqs: list[SeqSpan], groups: int, device: torch.device) -> GatherBatch:
+    b, tq, keys = len(seqs), max(s.query_len for s in seqs), _padded(max(s.context_len for s in seqs))
+    slots = torch.empty(b, keys, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        slots[row] = s.kv_segments[0][0]
+        slots[row, : s.context_len] = torch.cat([torch.arange(start, end) for start, end in s.kv_segments])
+    t = torch.tensor([s.query_len for s in seqs])[:, None]
+    offset = torch.tensor([s.context_len - s.query_len for s in seqs])[:, None]
+    query = torch.minimum(torch.arange(tq)[None, :], t - 1)  # [B, Tq] padding repeats the last real row
+    mask = torch.arange(keys)[None, None, :] <= (offset + query)[:, :, None]  # [B, Tq, L]
+    q_rows = torch.tensor([s.query_start for s in seqs])[:, None] + query
+    real = (torch.arange(tq)[None, :] < t).flatten().nonzero().squeeze(1)
+    out_rows = q_rows.flatten()[real]
+    return GatherBatch(
+        slots=slots.flatten().to(device),
+        q_rows=q_rows.flatten().to(device),
+        mask=mask.unsqueeze(1).repeat(1, 1, groups, 1).to(device),
+        real=real.to(device),
+        out_rows=out_rows.to(device),
+        shape=(b, tq, keys),
+    )
+
+
+def attend_gathered(
+    batch: GatherBatch,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """One padded batch: query [H, T, D] (the step's), caches [KVH, S, D]; fills out [T, H, D] at its rows."""
+    b, tq, keys = batch.shape
+    num_kv_heads, _, dim = k_cache.shape
+    heads = query.shape[0]
+    k = k_cache.index_select(1, batch.slots).view(num_kv_heads, b, keys, dim).transpose(0, 1)
+    v = v_cache.index_select(1, batch.slots).view(num_kv_heads, b, keys, dim).transpose(0, 1)
+    q = query.index_select(1, batch.q_rows).view(num_kv_heads, heads // num_kv_heads, b, tq, dim)
+    q = q.permute(2, 0, 1, 3, 4).reshape(b, num_kv_heads, -1, dim)  # [B, KVH, G*Tq, D]
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=batch.mask, scale=scale)
+    o = o.view(b, num_kv_heads, -1, tq, dim).permute(0, 3, 1, 2, 4).reshape(b * tq, heads, dim)
+    out.index_copy_(0, batch.out_rows, o.index_select(0, batch.real))
 
 
 def _use_sdpa(segments: Segments, t: int) -> bool:

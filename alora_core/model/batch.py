@@ -51,6 +51,8 @@ class StepBatch:
     kv: torch.Tensor  # [L, 2, KVH, S, D] the whole pool (see kvcache.block_pool)
     lora: LoraBatch | None
     logits_rows: torch.Tensor  # [n] rows whose logits are needed (last new row of sequences that sample)
+    # what the attention layers derive from the spans once per step and share (see attention.gather_plan)
+    derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -1,6 +1,12 @@
-"""Fixtures for the core tests: the tiny demo model, engines over it, and the PEFT oracle."""
+"""Fixtures for the core tests: the tiny demo model, engines over it, and the PEFT oracle.
+
+Engines run on the CPU in float32 unless ALORA_TEST_DEVICE names another device (`cuda` on a GPU
+machine): the same checks then prove the CUDA path (Triton kernels, pinned host tier) against the
+oracle, which stays on the CPU in float32.
+"""
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +20,7 @@ from alora_core.fixtures import DemoPaths, write_demo
 from tests.alora_core.redis_server import RedisServer, free_port, redis_binary
 
 SPECIAL_IDS = 3  # ids 0..2 are the role / end-of-text specials: random contexts avoid them
+TEST_DEVICE = os.environ.get("ALORA_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +81,8 @@ def make_engine(demo: DemoPaths) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
     def make(**overrides: object) -> Engine:
-        config = EngineConfig(model=str(demo.model), **{"num_blocks": 256, "block_size": 16, **overrides})
+        defaults = {"num_blocks": 256, "block_size": 16, "device": TEST_DEVICE, "dtype": "float32"}
+        config = EngineConfig(model=str(demo.model), **{**defaults, **overrides})
         engine = Engine.from_config(config, adapters=demo.adapters)
         engines.append(engine)
         return engine

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alora_core.model import attention
+from alora_core.model.batch import SeqSpan
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:
@@ -78,3 +79,38 @@ def test_forks_sharing_a_prefix_are_attended_together(kernel: str) -> None:
 
     for out, ref in zip(outs, expected, strict=True):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bound", [None, 1 << 10])
+def test_gathered_batches_equal_the_reference(bound: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path: sequences of different lengths, query counts and runs (forks included) padded into
+    batches; with a tiny bound every sequence is a batch of its own. Padding rows are never written out."""
+    if bound is not None:
+        monkeypatch.setattr(attention, "MAX_GATHER_ELEMENTS", bound)
+    gen = torch.Generator().manual_seed(11)
+    kvh, heads, dim = 2, 6, 8
+    cache_k = torch.randn(kvh, 400, dim, generator=gen)
+    cache_v = torch.randn(kvh, 400, dim, generator=gen)
+    layouts = [((10, 80),), ((10, 74), (200, 203)), ((300, 333),), ((150, 166), (120, 125), (250, 290))]
+    queries = [1, 3, 1, 17]
+    spans, qs, expected, row = [], [], [], 0
+    for segments, t in zip(layouts, queries, strict=True):
+        n = sum(e - s for s, e in segments)
+        q = torch.randn(heads, t, dim, generator=gen)
+        k = torch.cat([cache_k[:, s:e] for s, e in segments], dim=1)
+        v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
+        expected.append(reference(q, k, v, n - t, 0.3))
+        spans.append(SeqSpan(query_start=row, query_len=t, context_len=n, kv_segments=segments))
+        qs.append(q)
+        row += t
+    query = torch.cat(qs, dim=1)  # [H, T, D], the step's rows
+    out = torch.full((row, heads, dim), float("nan"))
+
+    plan = attention.gather_plan(spans, heads // kvh, kvh * dim, torch.device("cpu"))
+    for batch in plan:
+        attention.attend_gathered(batch, query, cache_k, cache_v, 0.3, out)
+
+    assert len(plan) == (len(spans) if bound else 1)
+    for span, ref in zip(spans, expected, strict=True):
+        got = out[span.query_start : span.query_start + span.query_len].transpose(0, 1)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

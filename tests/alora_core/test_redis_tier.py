@@ -18,7 +18,7 @@ from alora_core import Engine, SamplingParams
 from alora_core.errors import UnknownConversationError
 from alora_core.fixtures import DemoPaths
 from alora_core.kvcache.redis_tier import RedisTier
-from tests.alora_core.conftest import random_ids
+from tests.alora_core.conftest import TEST_DEVICE, random_ids
 from tests.alora_core.redis_server import RedisServer, free_port, redis_binary
 from tests.alora_core.test_tiers import BLOCK_BYTES, PARAMS, Client, assert_same, workload
 
@@ -49,8 +49,9 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
 REPLICA = """
 import json, sys
 from alora_core import Engine, EngineConfig, SamplingParams
-model, url, key, history = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-engine = Engine.from_config(EngineConfig(model=model, num_blocks=256, redis_url=url, redis_value_bytes=16384))
+model, url, key, history, device = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+config = EngineConfig(model=model, device=device, dtype="float32", num_blocks=256, redis_url=url, redis_value_bytes=16384)
+engine = Engine.from_config(config)
 result = engine.generate(key, history, SamplingParams(max_tokens=5, ignore_eos=True))
 engine.close()  # finishes the writes behind
 print(json.dumps(result.token_ids))
@@ -62,9 +63,21 @@ def test_another_replica_resumes_a_conversation(
 ) -> None:
     key, history = "tenant-a:chat", random_ids(150, seed=40)
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH")))),
+    }
     done = subprocess.run(
-        [sys.executable, "-c", REPLICA, str(demo.model), redis_server.url, key, json.dumps(history)],
+        [
+            sys.executable,
+            "-c",
+            REPLICA,
+            str(demo.model),
+            redis_server.url,
+            key,
+            json.dumps(history),
+            TEST_DEVICE,
+        ],
         capture_output=True,
         text=True,
         timeout=120,

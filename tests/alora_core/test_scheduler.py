@@ -7,6 +7,7 @@ import pytest
 
 from alora_core import Engine, SamplingParams
 from alora_core.errors import ConversationBusyError, OverloadedError, RequestCancelledError
+from alora_core.model import attention
 from alora_core.step import Work
 from tests.alora_core.conftest import PeftOracle, random_ids
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches
@@ -71,7 +72,13 @@ def mixed_requests(engine: Engine) -> list[tuple[str, Callable[..., object]]]:
     return out
 
 
-def test_concurrent_mixed_batch_equals_one_at_a_time(make_engine, oracle: PeftOracle) -> None:
+@pytest.mark.parametrize("attention_path", ["parts", "gathered"])
+def test_concurrent_mixed_batch_equals_one_at_a_time(
+    make_engine, oracle: PeftOracle, attention_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the CPU's per-run attention and with the GPU's gathered batches (forced onto the CPU here)."""
+    if attention_path == "gathered":
+        monkeypatch.setattr(attention, "GATHER_DEVICES", frozenset({"cpu", "cuda"}))
     sequential = make_engine(max_num_seqs=1)
     batched = make_engine(max_num_seqs=64, max_num_batched_tokens=48, prefill_chunk_tokens=32)
     for engine in (sequential, batched):

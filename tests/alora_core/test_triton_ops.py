@@ -52,7 +52,7 @@ if triton_ops._INTERPRET == CUDA:
 
 from alora_core import Engine, SamplingParams  # noqa: E402
 from alora_core.lora import layer, registry  # noqa: E402
-from alora_core.lora.layer import MaskedLoRALinear, install  # noqa: E402
+from alora_core.lora.layer import MaskedLoRALinear, install, warm_up_kernels  # noqa: E402
 from tests.alora_core.conftest import PeftOracle, random_ids  # noqa: E402
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
 
@@ -349,6 +349,22 @@ def test_group_skips_launch_without_its_adapters_and_serves_unshared_inputs(laun
         assert_rel_close(out, ref, torch.float32)
     group = block.q_proj.group
     assert group is not None and not group.shares_input and launches == [3, 1, 1]
+
+
+def test_warm_up_launches_every_group_shape_once_per_variant(launches: list[int]) -> None:
+    """q|k|v (one shared-input group) and o_proj (its own): each warmed at 1, 2, 64 and 65 tokens (both
+    token-block sizes, odd and even counts), and served exactly as before afterwards."""
+    block, ctx = attention_with_adapters(torch.float32)
+
+    assert warm_up_kernels(block) == 2
+    assert sorted(launches) == [1] * 4 + [3] * 4
+    launches.clear()
+    idx = torch.tensor([0, 3, -1, 3, 1, 2, 0, 3, -1, 1, 1])
+    x = torch.randn(1, idx.numel(), 64).to(DEVICE)
+    with ctx.bind(step_batch(idx)):
+        q = block.q_proj(x)
+    assert_rel_close(q, reference_outputs(block, x, idx, ("q_proj",))[0], torch.float32)
+    assert warm_up_kernels(nn.Linear(4, 4)) == 0  # no fused-kernel layers: nothing to do
 
 
 @pytest.mark.slow

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no package registry there): the CUDA checks and the GPU benchmarks.
+#
+#   On the dev machine, once (wheels for what the GPU image lacks or has in another version, and
+#   redis-server for the Redis-tier tests), into paths that .git/info/exclude ignores:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#         --platform manylinux_2_17_x86_64 -d .whl transformers==5.23.0 peft==0.21.2 redis==8.1.0 hiredis
+#     mkdir -p .gpu/lib && cp /usr/bin/redis-server .gpu/ && cp /lib/x86_64-linux-gnu/{liblzf.so.1,libjemalloc.so.2} .gpu/lib/
+#   Then run, carrying .whl and .gpu:   bash loadtest/gpu_session.sh [tests] [kernel] [batching]
+#
+# Results land in $OUT (or loadtest/results/gpu when OUT is unset).
+set -uo pipefail
+OUT=${OUT:-loadtest/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+[ -d .gpu ] && export PATH=$PWD/.gpu:$PATH LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+steps=${*:-tests kernel batching}
+status=0
+for step in $steps; do
+    start=$(date +%s)
+    case $step in
+    tests) # the core suite with every engine on CUDA (float32), checked against the CPU PEFT oracle
+        ALORA_TEST_DEVICE=cuda python3 -m pytest tests/alora_core -q --maxfail=20 -p no:cacheprovider --timeout 300 \
+            2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    kernel)
+        python3 -m loadtest.bench_lora_kernel --out "$OUT/bench_lora_kernel.json" 2>&1 | tee "$OUT/bench_lora_kernel.log" ;;
+    batching)
+        python3 -m loadtest.bench_batching --device cuda --threads 8 --out "$OUT/bench_batching.json" \
+            2>&1 | tee "$OUT/bench_batching.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+    esac
+    rc=$?
+    echo "== $step: exit $rc in $(($(date +%s) - start)) s"
+    [ $rc -ne 0 ] && status=$rc
+done
+exit $status
