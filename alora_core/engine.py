@@ -35,6 +35,7 @@ from alora_core.kvcache.redis_tier import RedisTier
 from alora_core.kvcache.stats import CacheCounters, CacheStats
 from alora_core.kvcache.tiers import TieredCache
 from alora_core.lora.registry import AdapterRegistry
+from alora_core.model import cpu_linear
 from alora_core.model.batch import ForwardContext
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.request import Request, RequestHandle, TokenCallback
@@ -75,6 +76,9 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests beyond which new ones are refused (HTTP 429)
     max_adapters: int = 32
     max_conversations: int = 10_000
+    calibrate_cpu_linears: bool = (
+        True  # CPU: time two GEMM layouts per weight shape at start (model/cpu_linear.py)
+    )
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,9 @@ class Engine:
             config.restore_policy,
             None if config.device_cache_bytes is None else config.device_cache_bytes // block_bytes,
         )
+        if loaded.device.type == "cpu" and config.calibrate_cpu_linears:
+            transposed = cpu_linear.calibrate(loaded.model)
+            log.info("CPU linears calibrated: %d take W @ x^T at some small-batch row counts", transposed)
         self.ctx = ForwardContext()
         self.adapters = AdapterRegistry(
             loaded.model, loaded.tokenizer, self.ctx, config.max_adapters, loaded.dtype, loaded.device
