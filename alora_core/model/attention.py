@@ -228,19 +228,27 @@ def attend_forks(
     same pool slot: the run of keys they share there, visible to all their queries, is one part for
     all their rows at once; each sequence's remaining keys are its own parts. Returns [H, t, D] each."""
     num_kv_heads = k_cache.shape[0]
-    start = items[0][1][0][0]
-    # the shared run: common to every sequence's first segment and visible to every query (key <= q_offset)
-    shared = min(min(segs[0][1] for _, segs, _ in items) - start, min(off for _, _, off in items) + 1)
+    if len(items) == 1 and len(items[0][1]) == 1 and items[0][0].shape[1] == 1 and _FLASH_CPU is not None:
+        q, ((start, end),), _ = items[0]  # a lone decode token over one run: every key visible, no merge
+        if q.device.type == "cpu":
+            out = _FLASH_CPU(
+                q.reshape(1, num_kv_heads, -1, q.shape[-1]),
+                k_cache[:, start:end].unsqueeze(0),
+                v_cache[:, start:end].unsqueeze(0),
+                scale=scale,
+            )[0]
+            return [out.reshape(q.shape)]
+    # the shared runs: slots every sequence's KV starts with, visible to every query (key <= q_offset)
+    common = _common_runs([segs for _, segs, _ in items], min(off for _, _, off in items) + 1)
+    shared = sum(e - s for s, e in common)
     # q: [H, t, D] -> [KVH, G*t, D]; row g*t + i of kv-head h is head h*G + g at query i (HF repeat_kv order).
     qgs = [q.reshape(num_kv_heads, -1, q.shape[-1]) for q, _, _ in items]
     q_all = qgs[0] if len(qgs) == 1 else torch.cat(qgs, dim=1)
-    shared_out, shared_lse = _part(
-        q_all, k_cache[:, start : start + shared], v_cache[:, start : start + shared], None, scale
-    )
+    shared_parts = [_part(q_all, k_cache[:, s:e], v_cache[:, s:e], None, scale) for s, e in common]
     results, row = [], 0
     for (q, segments, q_offset), qg in zip(items, qgs, strict=True):
         rows, t = qg.shape[1], q.shape[1]
-        parts = [(shared_out[:, row : row + rows], shared_lse[:, row : row + rows])]
+        parts = [(out[:, row : row + rows], lse[:, row : row + rows]) for out, lse in shared_parts]
         row += rows
         key = shared  # position of the first key of the next segment
         for s, e in _skip(segments, shared):
@@ -302,6 +310,24 @@ def _merge(parts: list[Part]) -> torch.Tensor:
         out = weighted if out is None else out + weighted
     assert out is not None
     return out
+
+
+def _common_runs(lists: list[Segments], limit: int) -> Segments:
+    """The slot runs that every segment list starts with (forks of one conversation share its blocks up
+    to the fork), at most `limit` keys. Lists that begin at one slot share at least their first key."""
+    runs: list[tuple[int, int]] = []
+    keys = 0
+    for i in range(min(len(segs) for segs in lists)):
+        start = lists[0][i][0]
+        if any(segs[i][0] != start for segs in lists):
+            break
+        end = min(segs[i][1] for segs in lists)
+        end = min(end, start + limit - keys)
+        runs.append((start, end))
+        keys += end - start
+        if keys == limit or any(segs[i][1] != end for segs in lists):
+            break
+    return tuple(runs)
 
 
 def _skip(segments: Segments, n: int) -> Segments:

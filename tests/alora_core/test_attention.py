@@ -114,3 +114,36 @@ def test_gathered_batches_equal_the_reference(bound: int | None, monkeypatch: py
     for span, ref in zip(spans, expected, strict=True):
         got = out[span.query_start : span.query_start + span.query_len].transpose(0, 1)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_forks_share_every_run_of_a_fragmented_prefix(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversation whose KV lies in three runs, forked three times: each shared run is one part call
+    for all forks' rows (read once), not one per fork; each fork's own keys are its own parts."""
+    gen = torch.Generator().manual_seed(5)
+    kvh, heads, dim = 2, 4, 8
+    cache_k = torch.randn(kvh, 400, dim, generator=gen)
+    cache_v = torch.randn(kvh, 400, dim, generator=gen)
+    prefix = ((10, 42), (100, 132), (200, 216))
+    forks = [(*prefix, (300, 306)), (*prefix[:2], (200, 220)), (*prefix, (350, 353))]
+    calls: list[int] = []
+    real = attention._part
+    monkeypatch.setattr(attention, "_part", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    items, expected = [], []
+    for i, segments in enumerate(forks):
+        n = sum(e - s for s, e in segments)
+        t = 1 if i else 2
+        q = torch.randn(heads, t, dim, generator=gen)
+        items.append((q, segments, n - t))
+        k = torch.cat([cache_k[:, s:e] for s, e in segments], dim=1)
+        v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
+        expected.append(reference(q, k, v, n - t, 0.25))
+
+    outs = attention.attend_forks(items, cache_k, cache_v, 0.25)
+
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    all_rows = 2 * (2 + 1 + 1)  # G = 2 rows per query
+    assert calls[:3] == [all_rows] * 3  # the three shared runs, each once for every fork
+    assert all_rows not in calls[3:]
+    assert attention._common_runs(tuple(forks), 1000) == prefix
+    assert attention._common_runs(tuple(forks), 40) == ((10, 42), (100, 108))
