@@ -32,7 +32,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from alora_core import Engine, EngineConfig, SamplingParams
-from loadtest.bench_core import Stamps, build_assets, crop
+from loadtest.bench_core import build_assets, crop, timed_generate
 from loadtest.common import finish, machine, print_checks
 
 INTRINSICS = ("alora", "alora2", "alora")  # three aLoRA intrinsics per fan-out (two adapters)
@@ -140,19 +140,8 @@ def generate(
 ) -> tuple[list[int], float]:
     """HF / PEFT `generate`, greedy, continuing `cache` (PEFT finds an aLoRA's invocation in `ids`
     itself); returns (new tokens, time of the first)."""
-    stamps = Stamps()
-    feed = torch.tensor([ids], device=model.device)
-    out = model.generate(
-        input_ids=feed,
-        attention_mask=torch.ones_like(feed),
-        past_key_values=cache,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        streamer=stamps,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist(), stamps.times[1]  # times[0] is the prompt
+    out, times = timed_generate(model, torch.tensor([ids], device=model.device), cache, steps)
+    return out[0, len(ids) :].tolist(), times[1]  # times[0] is the prompt
 
 
 def greedy(

@@ -63,6 +63,25 @@ def build_assets(root: Path) -> tuple[Path, dict[str, Path]]:
     return demo.model, adapters
 
 
+def timed_generate(
+    model, ids: torch.Tensor, cache: DynamicCache, steps: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Greedy HF / PEFT `generate` of exactly `steps` tokens continuing `cache`: (sequences, the time of
+    every put() of the streamer: [0] the prompt, then each new token)."""
+    stamps = Stamps()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        streamer=stamps,
+        pad_token_id=0,
+    )
+    return out, stamps.times
+
+
 def crop(cache: DynamicCache, length: int) -> None:
     """Cut the cache back to its first `length` positions (transformers 5 takes the count to remove)."""
     extra = cache.get_seq_length() - length
@@ -129,18 +148,8 @@ def peft(
 
         def decode_ms(model, ids: torch.Tensor, keep: int) -> float:
             crop(cache, keep)  # HF generate needs at least one uncached input token
-            stamps = Stamps()
-            model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
-                max_new_tokens=decode_tokens,
-                min_new_tokens=decode_tokens,
-                do_sample=False,
-                streamer=stamps,
-                pad_token_id=0,
-            )
-            t = stamps.times[1:]  # [0] is the prompt
+            _, times = timed_generate(model, ids, cache, decode_tokens)
+            t = times[1:]  # [0] is the prompt
             return (t[-1] - t[0]) / (len(t) - 1) * 1e3
 
         result["alora_decode_ms"] = median_time(lambda: decode_ms(alora, full, n), repeats)

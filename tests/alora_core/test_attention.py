@@ -65,11 +65,17 @@ def test_forks_sharing_a_prefix_are_attended_together(kernel: str) -> None:
         (prefix, (150, 166), (120, 125)),
         ((10, 42), (240, 246)),  # shares only the first 32 slots
     ]
+    check_forks(forks, [1 if i % 2 else 3 for i in range(len(forks))], cache_k, cache_v, heads, gen)
+
+
+def check_forks(
+    forks: list, queries: list[int], cache_k: torch.Tensor, cache_v: torch.Tensor, heads: int, gen
+) -> None:
+    """attend_forks over `forks` (segment lists) with `queries` new tokens each equals the reference."""
     items, expected = [], []
-    for i, segments in enumerate(forks):
+    for segments, t in zip(forks, queries, strict=True):
         n = sum(e - s for s, e in segments)
-        t = 1 if i % 2 else 3
-        q = torch.randn(heads, t, dim, generator=gen)
+        q = torch.randn(heads, t, cache_k.shape[-1], generator=gen)
         items.append((q, segments, n - t))
         k = torch.cat([cache_k[:, s:e] for s, e in segments], dim=1)
         v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
@@ -128,20 +134,8 @@ def test_forks_share_every_run_of_a_fragmented_prefix(kernel: str, monkeypatch: 
     calls: list[int] = []
     real = attention._part
     monkeypatch.setattr(attention, "_part", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
-    items, expected = [], []
-    for i, segments in enumerate(forks):
-        n = sum(e - s for s, e in segments)
-        t = 1 if i else 2
-        q = torch.randn(heads, t, dim, generator=gen)
-        items.append((q, segments, n - t))
-        k = torch.cat([cache_k[:, s:e] for s, e in segments], dim=1)
-        v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
-        expected.append(reference(q, k, v, n - t, 0.25))
+    check_forks(forks, [2, 1, 1], cache_k, cache_v, heads, gen)
 
-    outs = attention.attend_forks(items, cache_k, cache_v, 0.25)
-
-    for out, ref in zip(outs, expected, strict=True):
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     all_rows = 2 * (2 + 1 + 1)  # G = 2 rows per query
     assert calls[:3] == [all_rows] * 3  # the three shared runs, each once for every fork
     assert all_rows not in calls[3:]
