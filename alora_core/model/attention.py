@@ -232,9 +232,9 @@ def attend_forks(
         q, ((start, end),), _ = items[0]  # a lone decode token over one run: every key visible, no merge
         if q.device.type == "cpu":
             out = _FLASH_CPU(
-                q.reshape(1, num_kv_heads, -1, q.shape[-1]),
-                k_cache[:, start:end].unsqueeze(0),
-                v_cache[:, start:end].unsqueeze(0),
+                _unit_stride(q.reshape(1, num_kv_heads, -1, q.shape[-1])),
+                _unit_stride(k_cache[:, start:end].unsqueeze(0)),
+                _unit_stride(v_cache[:, start:end].unsqueeze(0)),
                 scale=scale,
             )[0]
             return [out.reshape(q.shape)]
@@ -273,11 +273,18 @@ def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     mask [r, n]: (out [KVH, r, D], logsumexp [KVH, r]). A row that sees no key gets out 0, lse -inf."""
     if _FLASH_CPU is None or q.device.type != "cpu":
         return _part_matmul(q, k, v, mask, scale)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)  # the raw kernel does not check
     out, lse = _FLASH_CPU(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale)
     lse = lse[0].float()
     if mask is not None:  # the kernel reports lse 0 for a row with every key masked; it must weigh nothing
         lse = lse.masked_fill(torch.isneginf(mask).all(dim=-1), float("-inf"))
     return out[0], lse
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """ATen's CPU flash kernel, called directly, reads rows as unit-stride without checking (public
+    SDPA would check and fall back): a view with another last-dimension stride is copied first."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _part_matmul(

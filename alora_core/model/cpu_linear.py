@@ -40,10 +40,12 @@ class CalibratedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= MAX_ROWS and self.transposed[_bucket(rows)]:
-            out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
+            # contiguous, as F.linear's output is: consumers (fused attention kernels among them) may
+            # assume unit stride in the last dimension; the copy is part of what calibration timed
+            out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
             if self.bias is not None:
                 out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features)
+            return out.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -141,3 +141,21 @@ def test_forks_share_every_run_of_a_fragmented_prefix(kernel: str, monkeypatch: 
     assert all_rows not in calls[3:]
     assert attention._common_runs(tuple(forks), 1000) == prefix
     assert attention._common_runs(tuple(forks), 40) == ((10, 42), (100, 108))
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_queries_with_a_strided_last_dimension(t: int, kernel: str) -> None:
+    """Queries as a column-major projection leaves them (last-dimension stride != 1): the raw CPU flash
+    kernel would read them as unit-stride rows; the result must equal the reference anyway."""
+    gen = torch.Generator().manual_seed(t)
+    kvh, heads, dim, n = 2, 4, 8, 40
+    cache_k = torch.randn(kvh, 100, dim, generator=gen)
+    cache_v = torch.randn(kvh, 100, dim, generator=gen)
+    q = torch.randn(dim, t, heads, generator=gen).permute(2, 1, 0)  # [H, t, D], stride(-1) = t * heads
+    assert q.stride(-1) != 1
+    segments = ((30, 30 + n),)
+
+    out = attention.attend(q, cache_k, cache_v, segments, n - t, 0.3)
+
+    ref = reference(q.contiguous(), cache_k[:, 30 : 30 + n], cache_v[:, 30 : 30 + n], n - t, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

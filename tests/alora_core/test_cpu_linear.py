@@ -54,8 +54,8 @@ def test_products_equal_f_linear_at_every_row_count(rows: int, bias: bool) -> No
 
     assert out.shape == (1, rows, 80)
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    # consumers may view the output as heads, as HF attention does
-    assert out.view(1, rows, 10, 8).shape == (1, rows, 10, 8)
+    # laid out as F.linear's: consumers (fused attention kernels) may assume unit-stride rows
+    assert out.is_contiguous()
 
 
 def test_real_measurement_is_cached_per_shape_and_skips_other_layers() -> None:
