@@ -7,7 +7,7 @@ import pytest
 
 from alora_core import Engine, SamplingParams
 from alora_core.errors import ConversationBusyError, OverloadedError, RequestCancelledError
-from alora_core.model import attention
+from alora_core.model import attention, cpu_linear
 from alora_core.step import Work
 from tests.alora_core.conftest import PeftOracle, random_ids
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches
@@ -72,13 +72,16 @@ def mixed_requests(engine: Engine) -> list[tuple[str, Callable[..., object]]]:
     return out
 
 
-@pytest.mark.parametrize("attention_path", ["parts", "gathered"])
+@pytest.mark.parametrize("path", ["parts", "gathered", "transposed_linears"])
 def test_concurrent_mixed_batch_equals_one_at_a_time(
-    make_engine, oracle: PeftOracle, attention_path: str, monkeypatch: pytest.MonkeyPatch
+    make_engine, oracle: PeftOracle, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the CPU's per-run attention and with the GPU's gathered batches (forced onto the CPU here)."""
-    if attention_path == "gathered":
+    """With the CPU's per-run attention; with the GPU's gathered batches (forced onto the CPU here); and
+    with every CPU linear on the W @ x^T layout at every small row count (whatever calibration picks)."""
+    if path == "gathered":
         monkeypatch.setattr(attention, "GATHER_DEVICES", frozenset({"cpu", "cuda"}))
+    if path == "transposed_linears":
+        monkeypatch.setattr(cpu_linear, "_choice", lambda *_: (True,) * len(cpu_linear.ROW_BUCKETS))
     sequential = make_engine(max_num_seqs=1)
     batched = make_engine(max_num_seqs=64, max_num_batched_tokens=48, prefill_chunk_tokens=32)
     for engine in (sequential, batched):
