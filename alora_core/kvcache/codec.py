@@ -20,6 +20,7 @@ import warnings
 from array import array
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 
@@ -104,7 +105,8 @@ def encode_value(layout: KVLayout, tenant: str, header: ChunkHeader, payload: to
     assert tuple(payload.shape) == (header.num_blocks, *layout.block_shape), payload.shape
     raw = payload.view(torch.uint8).reshape(-1)
     value = bytearray(HEADER_BYTES + raw.numel())
-    torch.frombuffer(value, dtype=torch.uint8, offset=HEADER_BYTES).copy_(raw)
+    # called on the Redis writer thread: no torch copy here (see host_tier.cpu_copy)
+    np.copyto(np.frombuffer(value, dtype=np.uint8, offset=HEADER_BYTES), raw.numpy())
     body = memoryview(value)[HEADER_BYTES:]
     _HEADER.pack_into(
         value,

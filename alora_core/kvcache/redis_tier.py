@@ -114,7 +114,12 @@ class FetchJob:
             return False
         rows = list(range(lo - header.first_block, hi - header.first_block))
         copy_blocks(
-            self.pool, self.blocks[lo - self.first_block : hi - self.first_block], payload, rows, to_pool=True
+            self.pool,
+            self.blocks[lo - self.first_block : hi - self.first_block],
+            payload,
+            rows,
+            to_pool=True,
+            side_thread=True,  # the fetch thread
         )
         self.filled_blocks = hi - self.first_block
         self.filled_tokens = min(

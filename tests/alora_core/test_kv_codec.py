@@ -18,6 +18,7 @@ from alora_core.kvcache.codec import (
     encode_value,
     prefix_hashes,
 )
+from alora_core.kvcache.host_tier import cpu_copy
 
 LAYOUT = KVLayout("f" * 16, torch.float32, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)
 TOKENS = list(range(10, 30))
@@ -91,3 +92,24 @@ def test_metadata_round_trip_and_refusals() -> None:
     bad = RemoteMeta("tenant-a:conv", TOKENS, cached_tokens=13, num_chunks=5)
     with pytest.raises(CorruptEntry, match="corrupt"):
         decode_meta(encode_meta(LAYOUT, 2, bad), LAYOUT, 2, "tenant-a:conv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_side_thread_copy_equals_torch_copy_for_strided_block_runs(dtype: torch.dtype) -> None:
+    """cpu_copy (the Redis threads' copy, outside torch's thread pool) moves the same bytes as copy_,
+    between a pool-shaped view and a permuted block-major view, both ways."""
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(2, 2, 3, 40, 4, 8, generator=gen).to(dtype)  # [L, 2, KVH, blocks, bs, D]
+    host = torch.randn(7, 2, 2, 3, 4, 8, generator=gen).to(dtype)  # [n, L, 2, KVH, bs, D]
+    device_run, host_run = pool[:, :, :, 10:15], host[1:6].permute(1, 2, 3, 0, 4, 5)
+
+    expected_pool = pool.clone()
+    expected_pool[:, :, :, 10:15] = host_run
+    cpu_copy(device_run, host_run)
+    assert torch.equal(pool, expected_pool)
+
+    pool[:, :, :, 10:15] = torch.randn(2, 2, 3, 5, 4, 8, generator=gen).to(dtype)
+    expected_host = host.clone()
+    expected_host[1:6] = pool[:, :, :, 10:15].permute(3, 0, 1, 2, 4, 5)
+    cpu_copy(host_run, device_run)
+    assert torch.equal(host, expected_host)
