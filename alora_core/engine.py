@@ -76,9 +76,8 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests beyond which new ones are refused (HTTP 429)
     max_adapters: int = 32
     max_conversations: int = 10_000
-    calibrate_cpu_linears: bool = (
-        True  # CPU: time two GEMM layouts per weight shape at start (model/cpu_linear.py)
-    )
+    # CPU: time two GEMM layouts per weight shape at start (model/cpu_linear.py)
+    calibrate_cpu_linears: bool = True
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ def paged_attention_forward(
     num_heads = query.shape[1]
     out = torch.empty(query.shape[2], num_heads, query.shape[3], dtype=query.dtype, device=query.device)
     gather = query.device.type in GATHER_DEVICES
+    short: list[SeqSpan] = []  # the gathered path's sequences
     by_first_slot: dict[int, list[tuple[slice, torch.Tensor, Segments, int]]] = defaultdict(list)
     for seq in step_batch.seqs:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
@@ -90,13 +91,14 @@ def paged_attention_forward(
         q_offset = seq.context_len - seq.query_len
         if _use_sdpa(seq.kv_segments, seq.query_len):
             out[rows] = attend(q, k_cache, v_cache, seq.kv_segments, q_offset, scale).transpose(0, 1)
-        elif not gather:
+        elif gather:
+            short.append(seq)
+        else:
             by_first_slot[seq.kv_segments[0][0]].append((rows, q, seq.kv_segments, q_offset))
-    if gather:
+    if short:
         groups = num_heads // k_cache.shape[0]
         plan = step_batch.derived.get(("gather", groups))
-        if plan is None:
-            short = [s for s in step_batch.seqs if not _use_sdpa(s.kv_segments, s.query_len)]
+        if plan is None:  # the first layer of the step plans for all of them
             plan = gather_plan(short, groups, k_cache.shape[0] * k_cache.shape[2], query.device)
             step_batch.derived[("gather", groups)] = plan
         for batch in cast(list[GatherBatch], plan):
@@ -139,9 +141,8 @@ class GatherBatch:
 
     slots: torch.Tensor  # [B*L] pool slots of each sequence's keys in order (padding: its first slot)
     q_rows: torch.Tensor  # [B*Tq] rows of the step's query (padding repeats the sequence's last row)
-    mask: (
-        torch.Tensor
-    )  # [B, 1, G*Tq, L] bool, True = visible: row g*Tq + i of a sequence sees keys <= its position
+    # [B, 1, G*Tq, L] bool, True = visible: row g*Tq + i of a sequence sees the keys up to its position
+    mask: torch.Tensor
     real: torch.Tensor  # [n] indices into the padded B*Tq rows that are real queries
     out_rows: torch.Tensor  # [n] rows of the step's output they fill
     shape: tuple[int, int, int]  # (B, Tq, L)
@@ -225,19 +226,16 @@ def attend_forks(
     scale: float,
 ) -> list[torch.Tensor]:
     """Attention of several sequences (q [H, t, D], segments, q_offset) whose segments all start at the
-    same pool slot: the run of keys they share there, visible to all their queries, is one part for
-    all their rows at once; each sequence's remaining keys are its own parts. Returns [H, t, D] each."""
+    same pool slot: each run of keys they all share (the conversation's blocks up to the fork), visible
+    to all their queries, is one part for all their rows at once; each sequence's remaining keys are
+    its own parts. Returns [H, t, D] each."""
     num_kv_heads = k_cache.shape[0]
-    if len(items) == 1 and len(items[0][1]) == 1 and items[0][0].shape[1] == 1 and _FLASH_CPU is not None:
-        q, ((start, end),), _ = items[0]  # a lone decode token over one run: every key visible, no merge
-        if q.device.type == "cpu":
-            out = _FLASH_CPU(
-                _unit_stride(q.reshape(1, num_kv_heads, -1, q.shape[-1])),
-                _unit_stride(k_cache[:, start:end].unsqueeze(0)),
-                _unit_stride(v_cache[:, start:end].unsqueeze(0)),
-                scale=scale,
-            )[0]
-            return [out.reshape(q.shape)]
+    q, segments, _ = items[0]
+    if len(items) == 1 and len(segments) == 1 and q.shape[1] == 1 and _flash_cpu_serves(q):
+        (start, end), qg = segments[0], q.reshape(num_kv_heads, -1, q.shape[-1])
+        # a lone decode token over one run: every key visible, nothing to merge
+        out, _ = _flash_cpu(qg, k_cache[:, start:end], v_cache[:, start:end], None, scale)
+        return [out.reshape(q.shape)]
     # the shared runs: slots every sequence's KV starts with, visible to every query (key <= q_offset)
     common = _common_runs([segs for _, segs, _ in items], min(off for _, _, off in items) + 1)
     shared = sum(e - s for s, e in common)
@@ -271,20 +269,29 @@ def attend_forks(
 def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> Part:
     """Attention of q [KVH, r, D] over one run of keys k, v [KVH, n, D] (views), with an optional additive
     mask [r, n]: (out [KVH, r, D], logsumexp [KVH, r]). A row that sees no key gets out 0, lse -inf."""
-    if _FLASH_CPU is None or q.device.type != "cpu":
+    if not _flash_cpu_serves(q):
         return _part_matmul(q, k, v, mask, scale)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)  # the raw kernel does not check
-    out, lse = _FLASH_CPU(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale)
-    lse = lse[0].float()
+    out, lse = _flash_cpu(q, k, v, mask, scale)
+    lse = lse.float()
     if mask is not None:  # the kernel reports lse 0 for a row with every key masked; it must weigh nothing
         lse = lse.masked_fill(torch.isneginf(mask).all(dim=-1), float("-inf"))
-    return out[0], lse
+    return out, lse
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    """ATen's CPU flash kernel, called directly, reads rows as unit-stride without checking (public
-    SDPA would check and fall back): a view with another last-dimension stride is copied first."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _flash_cpu_serves(q: torch.Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu"
+
+
+def _flash_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> Part:
+    """The one call site of ATen's CPU flash kernel: q [KVH, r, D], k, v [KVH, n, D] -> (out, lse [KVH, r]).
+    Called directly, the kernel reads rows as unit-stride without checking (public SDPA would check
+    and fall back), so a view with another last-dimension stride is copied first."""
+    assert _FLASH_CPU is not None
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = _FLASH_CPU(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale)[:2]
+    return out[0], lse[0]
 
 
 def _part_matmul(

@@ -40,9 +40,7 @@ class CalibratedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= MAX_ROWS and self.transposed[_bucket(rows)]:
-            # contiguous, as F.linear's output is: consumers (fused attention kernels among them) may
-            # assume unit stride in the last dimension; the copy is part of what calibration timed
-            out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
+            out = _transposed_product(self.weight, x.reshape(rows, x.shape[-1]))
             if self.bias is not None:
                 out = out + self.bias
             return out.view(*x.shape[:-1], self.out_features)
@@ -109,7 +107,10 @@ def _measure(
 
 
 def _transposed_product(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.mm(weight, x.t()).t().contiguous()  # timed with the copy a consumer may need
+    """x @ W^T as W @ x^T, what the forward runs and calibration times. Made contiguous, as F.linear's
+    output is: consumers (fused attention kernels among them) may assume unit stride in the last
+    dimension."""
+    return torch.mm(weight, x.t()).t().contiguous()
 
 
 def _fastest_ms(fn: Callable[[], object]) -> float:
