@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from alora_core.lora.adapters import LoraWeights
-from alora_core.lora.ops import masked_lora_reference
+from alora_core.lora.ops import StackedLora, masked_lora_reference, masked_lora_stacked
 from alora_core.model.batch import ForwardContext, LoraBatch
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class MaskedLoRALinear(nn.Module):
         device = base_layer.weight.device
         self.use_kernel = lora_kernel_available(device) if use_kernel is None else use_kernel
         self.group: SharedInputGroup | None = None  # set by install() on the kernel path
+        self._stacks: dict[tuple[int, ...], StackedLora] = {}  # torch path: slot set -> stacked weights
 
     @property
     def in_features(self) -> int:
@@ -60,11 +61,13 @@ class MaskedLoRALinear(nn.Module):
             device = self.base_layer.weight.device
             weights = LoraWeights(weights.a.to(device), weights.b.to(device), weights.scale)
         self.slots[slot] = weights
+        self._stacks.clear()
         if self.group is not None:
             self.group.stack.put(slot, self.group.index(self), weights)
 
     def clear_slot(self, slot: int) -> None:
         self.slots.pop(slot, None)
+        self._stacks.clear()
         if self.group is not None:
             self.group.stack.drop(slot, self.group.index(self))
 
@@ -75,13 +78,22 @@ class MaskedLoRALinear(nn.Module):
         y = self.base_layer(x)
         if batch is None or batch.lora is None or not self.slots:
             return y
-        masked_lora_reference(
-            y.view(-1, self.out_features),
-            x.reshape(-1, self.in_features),
-            batch.lora.rows_by_slot,
-            self.slots,
-        )
+        y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        slots = tuple(s for s in batch.lora.rows_by_slot if s in self.slots)
+        if len(slots) > 1:  # several adapters: one bmm pair unless padding would double the rows
+            rows = batch.lora.slot_rows(slots)
+            if rows.padding <= len(rows.rows):
+                masked_lora_stacked(y2, x2, rows, self._stack(slots))
+                return y
+        masked_lora_reference(y2, x2, batch.lora.rows_by_slot, self.slots)
         return y
+
+    def _stack(self, slots: tuple[int, ...]) -> StackedLora:
+        weights = tuple(self.slots[s] for s in slots)
+        stack = self._stacks.get(slots)
+        if stack is None or any(a is not b for a, b in zip(stack.weights, weights, strict=True)):
+            stack = self._stacks[slots] = StackedLora.build(weights)
+        return stack
 
 
 class SharedInputGroup:

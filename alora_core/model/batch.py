@@ -32,6 +32,7 @@ class LoraBatch:
 
     adapter_index: torch.Tensor  # [T] int64
     rows_by_slot: dict[int, torch.Tensor]  # slot -> rows of the flat batch that use it (computed once a step)
+    derived: dict[tuple[int, ...], "SlotRows"] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_index(cls, adapter_index: torch.Tensor) -> "LoraBatch | None":
@@ -40,6 +41,43 @@ class LoraBatch:
             return None
         rows = {s: (adapter_index == s).nonzero().squeeze(1) for s in slots}
         return cls(adapter_index=adapter_index, rows_by_slot=rows)
+
+    def slot_rows(self, slots: tuple[int, ...]) -> "SlotRows":
+        """The rows of `slots` laid out [S, R] for one batched GEMM; built once a step per slot tuple."""
+        cached = self.derived.get(slots)
+        if cached is None:
+            cached = self.derived[slots] = SlotRows.build(slots, [self.rows_by_slot[s] for s in slots])
+        return cached
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """Rows of several adapter slots as S groups of R (the largest group; shorter groups padded by
+    repeating their first row), so the LoRA of all of them is one bmm pair:
+
+        x[gather].view(S, R, in)  ->  bmm A^T, bmm B^T  ->  [S*R, out][real]  ->  y.index_add_(rows)
+    """
+
+    slots: tuple[int, ...]
+    per_slot: int  # R
+    gather: torch.Tensor  # [S*R] rows of x, slot by slot
+    real: torch.Tensor | None  # [n] positions of gather that are not padding (None: no padding)
+    rows: torch.Tensor  # [n] rows of y the real positions update
+
+    @classmethod
+    def build(cls, slots: tuple[int, ...], groups: list[torch.Tensor]) -> "SlotRows":
+        per_slot = max(len(g) for g in groups)
+        padded = [torch.cat([g, g[:1].expand(per_slot - len(g))]) for g in groups]
+        real = None
+        if any(len(g) < per_slot for g in groups):
+            real = torch.cat(
+                [torch.arange(len(g), device=g.device) + i * per_slot for i, g in enumerate(groups)]
+            )
+        return cls(slots, per_slot, torch.cat(padded), real, torch.cat(groups))
+
+    @property
+    def padding(self) -> int:
+        return len(self.gather) - len(self.rows)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """The masked-LoRA op against its per-token definition: y[t] += s[a] * B[a] @ (A[a] @ x[t]) where a = idx[t] >= 0."""
 
+import pytest
 import torch
 
+from alora_core.lora import layer as layer_module
 from alora_core.lora.adapters import LoraWeights
-from alora_core.lora.ops import masked_lora_reference
-from alora_core.model.batch import LoraBatch
+from alora_core.lora.layer import MaskedLoRALinear
+from alora_core.lora.ops import StackedLora, masked_lora_reference, masked_lora_stacked
+from alora_core.model.batch import ForwardContext, LoraBatch, StepBatch
 
 
 def test_masked_lora_matches_per_token_definition() -> None:
@@ -51,3 +54,82 @@ def test_single_adapter_covering_every_row() -> None:
     masked_lora_reference(y, x, batch.rows_by_slot, {3: w})
     expected = torch.stack([y0[t] + w.scale * (w.b @ (w.a @ x[t])) for t in range(7)])
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def _per_token(
+    y0: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, weights: dict[int, LoraWeights]
+) -> torch.Tensor:
+    expected = y0.clone()
+    for t in range(len(idx)):
+        w = weights.get(int(idx[t]))
+        if w is not None:
+            expected[t] += w.scale * (w.b @ (w.a @ x[t]))
+    return expected
+
+
+@pytest.mark.parametrize("counts", [(1, 1, 1, 1), (7, 7, 7), (5, 1, 3), (16, 2)])
+def test_stacked_lora_matches_per_token_definition(counts: tuple[int, ...]) -> None:
+    """Several slots in one bmm pair: equal row counts (no padding) and unequal ones, ranks 4 and 8, rows
+    of the slots interleaved with base rows."""
+    gen = torch.Generator().manual_seed(len(counts))
+    d_in, d_out = 12, 9
+    weights = {
+        slot: LoraWeights(
+            torch.randn(rank, d_in, generator=gen), torch.randn(d_out, rank, generator=gen), 0.5 + slot
+        )
+        for slot, rank in zip(range(len(counts)), (4, 8, 4, 8), strict=False)
+    }
+    idx = torch.cat([torch.full((n,), slot) for slot, n in enumerate(counts)] + [torch.full((3,), -1)])
+    idx = idx[torch.randperm(len(idx), generator=gen)]
+    x = torch.randn(len(idx), d_in, generator=gen)
+    y0 = torch.randn(len(idx), d_out, generator=gen)
+    batch = LoraBatch.from_index(idx)
+    assert batch is not None
+    slots = tuple(batch.rows_by_slot)
+    rows = batch.slot_rows(slots)
+    assert (rows.real is None) == (len(set(counts)) == 1)
+    assert batch.slot_rows(slots) is rows  # built once a step
+    y = y0.clone()
+    masked_lora_stacked(y, x, rows, StackedLora.build(tuple(weights[s] for s in slots)))
+    torch.testing.assert_close(y, _per_token(y0, x, idx, weights), atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[idx < 0], y0[idx < 0])
+
+
+def test_layer_serves_several_adapters_stacked_and_rebuilds_on_reload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wrapped linear takes the stacked path for several slots (reference path for one), and a slot
+    reloaded with new weights is never served from the old stack."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.nn.Linear(6, 5)
+    ctx = ForwardContext()
+    layer = MaskedLoRALinear(base, ctx, use_kernel=False)
+
+    def weights() -> LoraWeights:
+        return LoraWeights(torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen), 2.0)
+
+    ws = {0: weights(), 3: weights()}
+    for slot, w in ws.items():
+        layer.set_slot(slot, w)
+    idx = torch.tensor([0, 3, -1, 3, 0, 0])
+    x = torch.randn(6, 6, generator=gen)
+    stacked_calls = []
+    monkeypatch.setattr(
+        layer_module, "masked_lora_stacked", lambda *a: stacked_calls.append(1) or masked_lora_stacked(*a)
+    )
+
+    def run() -> torch.Tensor:
+        lora = LoraBatch.from_index(idx)
+        batch = StepBatch(idx, idx, idx, (), torch.empty(0), lora, idx)
+        with torch.no_grad(), ctx.bind(batch):
+            return layer(x)
+
+    torch.testing.assert_close(run(), _per_token(base(x).detach(), x, idx, ws), atol=1e-5, rtol=1e-5)
+    ws[3] = weights()
+    layer.set_slot(3, ws[3])
+    torch.testing.assert_close(run(), _per_token(base(x).detach(), x, idx, ws), atol=1e-5, rtol=1e-5)
+    assert len(stacked_calls) == 2
+    layer.clear_slot(0)
+    del ws[0]
+    torch.testing.assert_close(run(), _per_token(base(x).detach(), x, idx, ws), atol=1e-5, rtol=1e-5)
+    assert len(stacked_calls) == 2  # one adapter left: the reference path
