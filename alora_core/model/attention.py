@@ -12,11 +12,15 @@ Keys at positions <= the first query's position are visible to every query of th
 need no mask; only the step's own new keys (at most t - 1 of them) get a causal mask. A decode
 token over one contiguous run is therefore a single unmasked kernel call.
 
-No sequence's cache is ever copied: parts are views of the pool. Sequences whose KV starts at
-the same pool slots (intrinsic forks of one conversation) share those keys physically, so their
-queries meet the shared prefix in one call and it is read from memory once per step:
+No sequence's cache is copied: the long parts are views of the pool. Sequences whose KV starts
+at the same pool slots (intrinsic forks of one conversation) share those keys physically, so their
+queries meet the shared prefix in one call and it is read from memory once per step. What each
+sequence has past the shared runs (a fork's own blocks: the conversation's copied tail, its
+invocation, its tokens; a chunk's own new keys) is short: it is gathered into one padded, masked
+call for all of them (`ForkPlan`, built once per step):
 
-    shared prefix K [KVH, n, D]  <-  Q of fork 1 | fork 2 | fork 3   (rows stacked)
+    shared runs K [KVH, n, D]  <-  Q of fork 1 | fork 2 | fork 3   (rows stacked)  one part per run
+    own keys [F, KVH, N, D]    <-  Q [F, KVH, M, D], mask [F, 1, M, N]               one part
 
 The part kernel on CPU is ATen's flash attention for CPU (it returns the logsumexp); elsewhere a
 matmul reference (`_part_matmul`) computes the same. A single-run sequence with many queries
@@ -103,8 +107,15 @@ def paged_attention_forward(
             step_batch.derived[("gather", groups)] = plan
         for batch in cast(list[GatherBatch], plan):
             attend_gathered(batch, query[0], k_cache, v_cache, scale, out)
-    for items in by_first_slot.values():
-        outs = attend_forks([(q, segs, off) for _, q, segs, off in items], k_cache, v_cache, scale)
+    for first_slot, items in by_first_slot.items():
+        seqs = [(q, segs, off) for _, q, segs, off in items]
+        fork_plan = None
+        if not _lone_decode(seqs):  # the first layer of the step plans for all of them
+            fork_plan = cast(ForkPlan | None, step_batch.derived.get(("forks", first_slot)))
+            if fork_plan is None:
+                fork_plan = plan_forks(seqs, k_cache.shape[0], query.dtype)
+                step_batch.derived[("forks", first_slot)] = fork_plan
+        outs = attend_forks(seqs, k_cache, v_cache, scale, fork_plan)
         for (rows, _, _, _), o in zip(items, outs, strict=True):
             out[rows] = o.transpose(0, 1)
     return out.unsqueeze(0), None
@@ -219,62 +230,155 @@ def _use_sdpa(segments: Segments, t: int) -> bool:
     return len(segments) == 1 and t >= SDPA_MIN_QUERIES
 
 
+Fork = tuple[torch.Tensor, Segments, int]  # (q [H, t, D], segments, q_offset)
+
+
+@dataclass(frozen=True)
+class OwnKeys:
+    """The keys of each sequence of a ForkPlan past the shared runs, padded to N, with its query rows
+    padded to M, for one masked call (see the module docstring)."""
+
+    slots: torch.Tensor  # [F*N] pool slots, sequence by sequence (padding: a slot of its own, masked)
+    q_rows: torch.Tensor | None  # [F*M] rows of the stacked queries (padding repeats the last); None: all R
+    mask: torch.Tensor  # [F, 1, M, N] additive, 0 = visible: own key j of row g*t + i if j <= offset + i
+    empty: torch.Tensor | None  # [F, 1, M] rows that see no own key (weigh nothing); None: there are none
+    real: torch.Tensor | None  # [R] positions of the stacked rows among the F*M; None: the same rows
+    shape: tuple[int, int, int]  # (F, M, N)
+
+
+@dataclass(frozen=True)
+class ForkPlan:
+    """How a group of sequences that start at one pool slot attend (intrinsic forks of a conversation,
+    or one sequence over several runs): the runs they all share, visible to every query, plus each
+    one's own keys. Depends on the step's layout only: built once a step, used by every layer."""
+
+    shared: Segments
+    rows: tuple[int, ...]  # stacked query rows of each sequence (G * t)
+    own: OwnKeys | None  # None: no sequence has keys past the shared runs
+
+
+def _lone_decode(items: list[Fork]) -> bool:
+    """One decode token over one run, on the CPU flash kernel: one unmasked call, nothing to plan or merge."""
+    q, segments, _ = items[0]
+    return len(items) == 1 and len(segments) == 1 and q.shape[1] == 1 and _flash_cpu_serves(q)
+
+
 def attend_forks(
-    items: list[tuple[torch.Tensor, Segments, int]],
+    items: list[Fork],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     scale: float,
+    plan: ForkPlan | None = None,
 ) -> list[torch.Tensor]:
     """Attention of several sequences (q [H, t, D], segments, q_offset) whose segments all start at the
     same pool slot: each run of keys they all share (the conversation's blocks up to the fork), visible
-    to all their queries, is one part for all their rows at once; each sequence's remaining keys are
-    its own parts. Returns [H, t, D] each."""
-    num_kv_heads = k_cache.shape[0]
-    q, segments, _ = items[0]
-    if len(items) == 1 and len(segments) == 1 and q.shape[1] == 1 and _flash_cpu_serves(q):
-        (start, end), qg = segments[0], q.reshape(num_kv_heads, -1, q.shape[-1])
-        # a lone decode token over one run: every key visible, nothing to merge
-        out, _ = _flash_cpu(qg, k_cache[:, start:end], v_cache[:, start:end], None, scale)
+    to all their queries, is one part for all their rows at once; the keys each has past those runs are
+    one padded part for all of them (`plan`, from `plan_forks`: pass it to reuse it across layers).
+    Returns [H, t, D] each."""
+    num_kv_heads, _, dim = k_cache.shape
+    if _lone_decode(items):
+        q, ((start, end),), _ = items[0]
+        out, _ = _flash_cpu(
+            q.reshape(num_kv_heads, -1, dim), k_cache[:, start:end], v_cache[:, start:end], None, scale
+        )
         return [out.reshape(q.shape)]
-    # the shared runs: slots every sequence's KV starts with, visible to every query (key <= q_offset)
-    common = _common_runs([segs for _, segs, _ in items], min(off for _, _, off in items) + 1)
-    shared = sum(e - s for s, e in common)
+    plan = plan or plan_forks(items, num_kv_heads, items[0][0].dtype)
     # q: [H, t, D] -> [KVH, G*t, D]; row g*t + i of kv-head h is head h*G + g at query i (HF repeat_kv order).
-    qgs = [q.reshape(num_kv_heads, -1, q.shape[-1]) for q, _, _ in items]
-    q_all = qgs[0] if len(qgs) == 1 else torch.cat(qgs, dim=1)
-    shared_parts = [_part(q_all, k_cache[:, s:e], v_cache[:, s:e], None, scale) for s, e in common]
+    qgs = [q.reshape(num_kv_heads, -1, dim) for q, _, _ in items]
+    q_all = qgs[0] if len(qgs) == 1 else torch.cat(qgs, dim=1)  # [KVH, R, D]
+    parts = [_part(q_all, k_cache[:, s:e], v_cache[:, s:e], None, scale) for s, e in plan.shared]
+    if plan.own is not None:
+        parts.append(_own_part(q_all, k_cache, v_cache, plan.own, scale))
+    out = _merge(parts)
     results, row = [], 0
-    for (q, segments, q_offset), qg in zip(items, qgs, strict=True):
-        rows, t = qg.shape[1], q.shape[1]
-        parts = [(out[:, row : row + rows], lse[:, row : row + rows]) for out, lse in shared_parts]
+    for (q, _, _), rows in zip(items, plan.rows, strict=True):
+        results.append(out[:, row : row + rows].reshape(q.shape).to(q.dtype))
         row += rows
-        key = shared  # position of the first key of the next segment
-        for s, e in _skip(segments, shared):
-            visible = min(e - s, max(0, q_offset + 1 - key))  # keys seen by every query of this step
-            if visible:
-                parts.append(_part(qg, k_cache[:, s : s + visible], v_cache[:, s : s + visible], None, scale))
-            if visible < e - s:  # this step's own later keys: query i sees positions <= q_offset + i
-                positions = torch.arange(key + visible, key + e - s, device=q.device)
-                allowed = positions[None, :] <= q_offset + torch.arange(t, device=q.device)[:, None]
-                mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                    ~allowed, float("-inf")
-                )
-                ks, vs = k_cache[:, s + visible : e], v_cache[:, s + visible : e]
-                parts.append(_part(qg, ks, vs, mask.repeat(rows // t, 1), scale))
-            key += e - s
-        results.append(_merge(parts).reshape(q.shape).to(q.dtype))
     return results
 
 
-def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> Part:
-    """Attention of q [KVH, r, D] over one run of keys k, v [KVH, n, D] (views), with an optional additive
-    mask [r, n]: (out [KVH, r, D], logsumexp [KVH, r]). A row that sees no key gets out 0, lse -inf."""
+def _own_part(
+    q_all: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, own: OwnKeys, scale: float
+) -> Part:
+    """The own keys of every sequence of a plan in one masked call: (out [KVH, R, D], lse [KVH, R])."""
+    f, m, n = own.shape
+    num_kv_heads, _, dim = k_cache.shape
+    q = q_all if own.q_rows is None else q_all.index_select(1, own.q_rows)
+    q = q.view(num_kv_heads, f, m, dim).transpose(0, 1)  # [F, KVH, M, D]
+    k = k_cache.index_select(1, own.slots).view(num_kv_heads, f, n, dim).transpose(0, 1)
+    v = v_cache.index_select(1, own.slots).view(num_kv_heads, f, n, dim).transpose(0, 1)
+    out, lse = _part(q, k, v, own.mask, scale, own.empty)  # [F, KVH, M, D], [F, KVH, M]
+    out, lse = (
+        out.transpose(0, 1).reshape(num_kv_heads, f * m, dim),
+        lse.transpose(0, 1).reshape(num_kv_heads, f * m),
+    )
+    if own.real is not None:
+        out, lse = out.index_select(1, own.real), lse.index_select(1, own.real)
+    return out, lse
+
+
+def plan_forks(items: list[Fork], num_kv_heads: int, dtype: torch.dtype) -> ForkPlan:
+    """The shared runs (visible to every query: key <= the smallest q_offset) and the padded own keys."""
+    device = items[0][0].device
+    common = _common_runs([segs for _, segs, _ in items], min(off for _, _, off in items) + 1)
+    shared = sum(e - s for s, e in common)
+    owns = [_skip(segs, shared) for _, segs, _ in items]  # each sequence's keys past the shared runs
+    lengths = [sum(e - s for s, e in own) for own in owns]
+    queries = [q.shape[1] for q, _, _ in items]
+    rows = tuple(q.shape[0] // num_kv_heads * q.shape[1] for q, _, _ in items)
+    if max(lengths) == 0:
+        return ForkPlan(common, rows, None)
+    f, m, n = len(items), max(rows), max(lengths)
+    slots = torch.zeros(f, n, dtype=torch.long)
+    visible = torch.zeros(f, m, n, dtype=torch.bool)
+    q_rows = torch.empty(f, m, dtype=torch.long)
+    real, row = [], 0
+    for i, ((_, _, offset), runs, length, r, t) in enumerate(
+        zip(items, owns, lengths, rows, queries, strict=True)
+    ):
+        if length:
+            slots[i] = runs[0][0]
+            slots[i, :length] = torch.cat([torch.arange(s, e) for s, e in runs])
+        query = torch.arange(r) % t  # row g*t + i is query i
+        seen = (shared + torch.arange(n))[None, :] <= offset + query[:, None]
+        visible[i, :r] = seen & (torch.arange(n) < length)[None, :]
+        visible[i, r:] = visible[i, r - 1]  # padding rows repeat the last row
+        q_rows[i] = row + torch.minimum(torch.arange(m), torch.tensor(r - 1))
+        real.append(torch.arange(r) + i * m)
+        row += r
+    mask = torch.zeros(f, 1, m, n, dtype=dtype).masked_fill_(~visible.unsqueeze(1), float("-inf"))
+    empty = ~visible.any(dim=-1).unsqueeze(1)
+    padded = any(r != m for r in rows)
+    own = OwnKeys(
+        slots=slots.flatten().to(device),
+        q_rows=q_rows.flatten().to(device) if padded else None,
+        mask=mask.to(device),
+        empty=empty.to(device) if bool(empty.any()) else None,
+        real=torch.cat(real).to(device) if padded else None,
+        shape=(f, m, n),
+    )
+    return ForkPlan(common, rows, own)
+
+
+def _part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    empty: torch.Tensor | None = None,
+) -> Part:
+    """Attention of q [..., r, D] over one run of keys k, v [..., n, D] (views; leading dims [KVH] or
+    [B, KVH]), with an optional additive mask broadcastable to [..., r, n]: (out [..., r, D], logsumexp
+    [..., r]). A row that sees no key gets out 0, lse -inf (`empty` marks them when already known)."""
     if not _flash_cpu_serves(q):
         return _part_matmul(q, k, v, mask, scale)
     out, lse = _flash_cpu(q, k, v, mask, scale)
     lse = lse.float()
     if mask is not None:  # the kernel reports lse 0 for a row with every key masked; it must weigh nothing
-        lse = lse.masked_fill(torch.isneginf(mask).all(dim=-1), float("-inf"))
+        if empty is None:
+            empty = torch.isneginf(mask).all(dim=-1)
+        lse = lse.masked_fill(empty, float("-inf"))
     return out, lse
 
 
@@ -285,11 +389,14 @@ def _flash_cpu_serves(q: torch.Tensor) -> bool:
 def _flash_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> Part:
-    """The one call site of ATen's CPU flash kernel: q [KVH, r, D], k, v [KVH, n, D] -> (out, lse [KVH, r]).
-    Called directly, the kernel reads rows as unit-stride without checking (public SDPA would check
-    and fall back), so a view with another last-dimension stride is copied first."""
+    """The one call site of ATen's CPU flash kernel: q [(B,) KVH, r, D], k, v [(B,) KVH, n, D] -> (out,
+    lse [(B,) KVH, r]). Called directly, the kernel reads rows as unit-stride without checking (public
+    SDPA would check and fall back), so a view with another last-dimension stride is copied first."""
     assert _FLASH_CPU is not None
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.dim() == 4:
+        out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=scale)[:2]
+        return out, lse
     out, lse = _FLASH_CPU(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale)[:2]
     return out[0], lse[0]
 
@@ -298,19 +405,19 @@ def _part_matmul(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> Part:
     """The reference of `_part` in plain matmuls (any device), in row chunks of bounded score size."""
-    chunk = max(1, MAX_SCORE_ELEMENTS // (k.shape[0] * k.shape[1]))
+    chunk = max(1, MAX_SCORE_ELEMENTS // k.shape[:-1].numel())
     outs, lses = [], []
-    for i in range(0, q.shape[1], chunk):
-        scores = (q[:, i : i + chunk] @ k.transpose(1, 2)).float() * scale  # [KVH, r, n]
+    for i in range(0, q.shape[-2], chunk):
+        scores = (q[..., i : i + chunk, :] @ k.transpose(-1, -2)).float() * scale  # [..., r, n]
         if mask is not None:
-            scores = scores + mask[i : i + chunk].float()
+            scores = scores + mask[..., i : i + chunk, :].float()
         lse = torch.logsumexp(scores, dim=-1)
         finite = torch.where(torch.isneginf(lse), 0.0, lse)  # an all-masked row: exp(-inf) = 0, not nan
         outs.append(torch.exp(scores - finite.unsqueeze(-1)).to(v.dtype) @ v)
         lses.append(lse)
     if len(outs) == 1:
         return outs[0], lses[0]
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
 def _merge(parts: list[Part]) -> torch.Tensor:

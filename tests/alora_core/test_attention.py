@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alora_core.model import attention
-from alora_core.model.batch import SeqSpan
+from alora_core.model.batch import SeqSpan, StepBatch
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_gathered_batches_equal_the_reference(bound: int | None, monkeypatch: py
 
 def test_forks_share_every_run_of_a_fragmented_prefix(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A conversation whose KV lies in three runs, forked three times: each shared run is one part call
-    for all forks' rows (read once), not one per fork; each fork's own keys are its own parts."""
+    for all forks' rows (read once), not one per fork; the forks' own keys are one padded part for all."""
     gen = torch.Generator().manual_seed(5)
     kvh, heads, dim = 2, 4, 8
     cache_k = torch.randn(kvh, 400, dim, generator=gen)
@@ -137,8 +137,7 @@ def test_forks_share_every_run_of_a_fragmented_prefix(kernel: str, monkeypatch: 
     check_forks(forks, [2, 1, 1], cache_k, cache_v, heads, gen)
 
     all_rows = 2 * (2 + 1 + 1)  # G = 2 rows per query
-    assert calls[:3] == [all_rows] * 3  # the three shared runs, each once for every fork
-    assert all_rows not in calls[3:]
+    assert calls == [all_rows] * 3 + [kvh]  # three shared runs for every fork, then [F, KVH, M, D] once
     assert attention._common_runs(tuple(forks), 1000) == prefix
     assert attention._common_runs(tuple(forks), 40) == ((10, 42), (100, 108))
 
@@ -159,3 +158,48 @@ def test_queries_with_a_strided_last_dimension(t: int, kernel: str) -> None:
 
     ref = reference(q.contiguous(), cache_k[:, 30 : 30 + n], cache_v[:, 30 : 30 + n], n - t, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_step_plans_each_fork_group_once_for_all_layers(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HF-facing forward over a step of two forks (an invocation of 3 tokens, a decode), a sequence
+    over two runs and a lone decode: every layer equals the reference, and each group's plan (shared
+    runs, padded own keys) is built by the first layer only; a lone decode on the flash kernel needs none."""
+    gen = torch.Generator().manual_seed(3)
+    layers, kvh, heads, dim, pool = 2, 2, 4, 8, 300
+    kv = torch.randn(layers, 2, kvh, pool, dim, generator=gen)
+    layouts = [((10, 60), (200, 204)), ((10, 60), (220, 222)), ((100, 120), (250, 256)), ((130, 170),)]
+    queries = [3, 1, 2, 1]
+    spans, slots, row = [], [], 0
+    for segments, t in zip(layouts, queries, strict=True):
+        n = sum(e - s for s, e in segments)
+        spans.append(SeqSpan(query_start=row, query_len=t, context_len=n, kv_segments=segments))
+        slots.append(torch.cat([torch.arange(s, e) for s, e in segments])[n - t :])  # the new keys' slots
+        row += t
+    batch = StepBatch(
+        input_ids=torch.zeros(row, dtype=torch.long),
+        positions=torch.zeros(row, dtype=torch.long),
+        slot_mapping=torch.cat(slots),
+        seqs=tuple(spans),
+        kv=kv,
+        lora=None,
+        logits_rows=torch.zeros(0, dtype=torch.long),
+    )
+    plans: list[int] = []
+    real = attention.plan_forks
+    monkeypatch.setattr(
+        attention, "plan_forks", lambda items, *a: plans.append(len(items)) or real(items, *a)
+    )
+    for layer in range(layers):
+        module = torch.nn.Module()
+        module.layer_idx = layer  # type: ignore[assignment]
+        query = torch.randn(1, heads, row, dim, generator=gen)
+        key, value = torch.randn(2, 1, kvh, row, dim, generator=gen)
+        out, _ = attention.paged_attention_forward(module, query, key, value, None, 0.3, step_batch=batch)
+        for span in spans:
+            rows = slice(span.query_start, span.query_start + span.query_len)
+            k = torch.cat([kv[layer, 0][:, s:e] for s, e in span.kv_segments], dim=1)
+            v = torch.cat([kv[layer, 1][:, s:e] for s, e in span.kv_segments], dim=1)
+            ref = reference(query[0, :, rows], k, v, span.context_len - span.query_len, 0.3)
+            torch.testing.assert_close(out[0, rows].transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
+    lone = [] if kernel == "flash_cpu" else [1]  # the matmul path plans the lone decode too
+    assert plans == [2, 1, *lone]  # the forks together, the two-run sequence; built in layer 0 only
