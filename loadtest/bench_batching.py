@@ -2,7 +2,7 @@
 
 Workload per conversation (its 2048-token history already cached, as for a live agent):
     generate(user turn + 32 tokens) -> 3 intrinsics as one fan-out -> generate(user turn + 32 tokens)
-Configurations, in one run, on the bench model of bench_core.py (CPU, float32):
+Configurations, in one run, on the bench model of bench_core.py (CPU; float32 unless --dtype):
     batched   this engine, continuous batching (16 client threads, fan-out submitted together)
     batch1    the same engine with max_num_seqs = 1
     peft      sequential PEFT / HF `generate` per request (the issue's baseline), reusing each conversation's
@@ -12,10 +12,14 @@ Configurations, in one run, on the bench model of bench_core.py (CPU, float32):
               stricter baseline, reported beside)
 Also: fan-out of 4 intrinsics on one 8192-token conversation versus a single intrinsic.
 
+The intrinsics are distinct adapters (alora, alora2, ...: the bench aLoRA's weights under their own
+names and slots), so no two requests of a fan-out are the same computation.
+
 Targets: batched >= 4x PEFT and >= 3x batch1 output tokens/s; batched p50 intrinsic TTFT <= batch1's;
 fan-out(4) latency <= 1.5x single. Prints a table, writes JSON.
 
     python -m loadtest.bench_batching [--conversations 16] [--history 2048] [--out FILE]
+    python -m loadtest.bench_batching --dtype bfloat16   (engine and PEFT in bf16: the serving dtype)
     python -m loadtest.bench_batching --device cuda      (the same workload on a GPU, float32)
 """
 
@@ -35,7 +39,8 @@ from alora_core import Engine, EngineConfig, SamplingParams
 from loadtest.bench_core import build_assets, crop, timed_generate
 from loadtest.common import finish, machine, print_checks
 
-INTRINSICS = ("alora", "alora2", "alora")  # three aLoRA intrinsics per fan-out (two adapters)
+INTRINSICS = ("alora", "alora2", "alora3")  # three aLoRA intrinsics per fan-out
+FAN_OUT = ("alora", "alora2", "alora3", "alora4")
 TURN_TOKENS = 32
 INTRINSIC_TOKENS = 4
 USER_TURN = 16
@@ -177,7 +182,7 @@ def fan_out(engine: Engine, n: int, repeats: int) -> dict:
 
     def four() -> float:
         t0 = time.perf_counter()
-        handles = [engine.submit_intrinsic(name, "fan", None, params) for name in ("alora", "alora2") * 2]
+        handles = [engine.submit_intrinsic(name, "fan", None, params) for name in FAN_OUT]
         for h in handles:
             h.result()
         return time.perf_counter() - t0
@@ -197,16 +202,19 @@ def main() -> None:
     parser.add_argument("--fan-out-history", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (the targets' setting) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_batching.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model_dir, adapter_dirs = build_assets(args.assets)
-    adapter_dirs = {**adapter_dirs, "alora2": adapter_dirs["alora"]}  # same weights, own slot and name
+    names = sorted({*INTRINSICS, *FAN_OUT})
+    adapter_dirs = {name: adapter_dirs["alora"] for name in names}  # same weights, own slots and names
+    dtype = getattr(torch, args.dtype)
     engine = Engine.from_config(
-        EngineConfig(model=str(model_dir), device=args.device, dtype="float32", max_num_batched_tokens=512),
-        {k: v for k, v in adapter_dirs.items() if k != "lora"},
+        EngineConfig(model=str(model_dir), device=args.device, dtype=args.dtype, max_num_batched_tokens=512),
+        adapter_dirs,
     )
     convs = [f"agent{i}" for i in range(args.conversations)]
     t0 = time.perf_counter()
@@ -222,22 +230,21 @@ def main() -> None:
     print("fan-out done", file=sys.stderr, flush=True)
     engine.close()
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(args.device).eval()
     alora = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device),
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(args.device),
         str(adapter_dirs["alora"]),
     ).eval()
-    invocations = {
-        name: list(alora.peft_config["default"].alora_invocation_tokens) for name in ("alora", "alora2")
-    }
-    aloras = {"alora": alora, "alora2": alora}
+    invocations = {name: list(alora.peft_config["default"].alora_invocation_tokens) for name in names}
+    aloras = dict.fromkeys(names, alora)
     for name, use_generate in (("peft", True), ("peft_loop", False)):
         results[name] = run_peft(
             base, aloras, invocations, args.peft_conversations, args.history, use_generate
         )
 
     checks = report(results, fan)
-    info = machine(args.threads, device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    info = machine(args.threads, device=device, dtype=args.dtype)
     finish(args.out, {"machine": info, "results": results, "fan_out": fan}, checks)
 
 
