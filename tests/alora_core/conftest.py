@@ -31,14 +31,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
 class PeftOracle:
     """Hugging Face transformers + PEFT on the same weights: the reference every output is checked against."""
 
-    def __init__(self, demo: DemoPaths) -> None:
+    def __init__(self, demo: DemoPaths, dtype: torch.dtype = torch.float32) -> None:
         self.demo = demo
+        self.dtype = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(demo.model))
         self._models: dict[str | None, PreTrainedModel] = {}
 
     def model(self, adapter: str | None) -> PreTrainedModel:
         if adapter not in self._models:
-            base = AutoModelForCausalLM.from_pretrained(str(self.demo.model), dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(str(self.demo.model), dtype=self.dtype)
             if adapter is None:
                 model = base
             else:
@@ -68,7 +69,7 @@ class PeftOracle:
             return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        return out.sequences[0, len(input_ids) :].tolist(), torch.stack(out.logits)[:, 0]
+        return out.sequences[0, len(input_ids) :].tolist(), torch.stack(out.logits)[:, 0].float()
 
 
 @pytest.fixture(scope="session")

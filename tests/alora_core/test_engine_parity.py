@@ -171,3 +171,30 @@ def test_full_pool_evicts_idle_conversations_and_stays_exact(make_engine, oracle
     again = engine.intrinsic("certainty", "a", None, GREEDY)
     hist_a = engine.conversation_tokens("a")
     assert_matches(again, oracle, "certainty", hist_a + invocation(engine, "certainty"))
+
+
+def test_bfloat16_engine_is_as_close_to_float32_as_peft_in_bfloat16(
+    make_engine, demo, oracle: PeftOracle
+) -> None:
+    """The serving dtype: a bf16 engine (base turn, then both aLoRA intrinsics as one fan-out, so the
+    stacked LoRA and the forks' shared attention run in bf16) against the float32 oracle. Its error
+    must be of the size PEFT's own bf16 run makes on the same inputs, not larger."""
+    engine = make_engine(dtype="bfloat16")
+    peft_bf16 = PeftOracle(demo, torch.bfloat16)
+    once = SamplingParams(max_tokens=1, return_logits=True)
+    history = random_ids(70, seed=9)
+
+    def check(logits: torch.Tensor | None, adapter: str | None, context: list[int]) -> None:
+        assert logits is not None
+        exact = oracle.generate(adapter, context, 1)[1]
+        peft_error = (peft_bf16.generate(adapter, context, 1)[1] - exact).abs().max().item()
+        engine_error = (logits - exact).abs().max().item()
+        assert engine_error <= 2 * peft_error + 1e-3, (adapter, engine_error, peft_error)
+
+    turn = engine.generate("c", history, once)
+    check(turn.logits, None, history)
+    history += turn.token_ids
+    names = ["certainty", "answerability"]
+    handles = [engine.submit_intrinsic(n, "c", None, once) for n in names]
+    for name, handle in zip(names, handles, strict=True):
+        check(handle.result().logits, name, history + invocation(engine, name))
