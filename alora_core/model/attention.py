@@ -239,8 +239,10 @@ class OwnKeys:
     padded to M, for one masked call (see the module docstring)."""
 
     slots: torch.Tensor  # [F*N] pool slots, sequence by sequence (padding: a slot of its own, masked)
+    run: tuple[int, int] | None  # one sequence whose own keys are one run: a view of it, no gather
     q_rows: torch.Tensor | None  # [F*M] rows of the stacked queries (padding repeats the last); None: all R
-    mask: torch.Tensor  # [F, 1, M, N] additive, 0 = visible: own key j of row g*t + i if j <= offset + i
+    # [F, 1, M, N] additive, 0 = visible: own key j of row g*t + i if j <= offset + i; None: all visible
+    mask: torch.Tensor | None
     empty: torch.Tensor | None  # [F, 1, M] rows that see no own key (weigh nothing); None: there are none
     real: torch.Tensor | None  # [R] positions of the stacked rows among the F*M; None: the same rows
     shape: tuple[int, int, int]  # (F, M, N)
@@ -304,9 +306,13 @@ def _own_part(
     f, m, n = own.shape
     num_kv_heads, _, dim = k_cache.shape
     q = q_all if own.q_rows is None else q_all.index_select(1, own.q_rows)
-    q = q.view(num_kv_heads, f, m, dim).transpose(0, 1)  # [F, KVH, M, D]
-    k = k_cache.index_select(1, own.slots).view(num_kv_heads, f, n, dim).transpose(0, 1)
-    v = v_cache.index_select(1, own.slots).view(num_kv_heads, f, n, dim).transpose(0, 1)
+    q = q.reshape(num_kv_heads, f, m, dim).transpose(0, 1)  # [F, KVH, M, D]
+    if own.run is not None:
+        start, end = own.run
+        k, v = k_cache[:, start:end].unsqueeze(0), v_cache[:, start:end].unsqueeze(0)
+    else:
+        k = k_cache.index_select(1, own.slots).view(num_kv_heads, f, n, dim).transpose(0, 1)
+        v = v_cache.index_select(1, own.slots).view(num_kv_heads, f, n, dim).transpose(0, 1)
     out, lse = _part(q, k, v, own.mask, scale, own.empty)  # [F, KVH, M, D], [F, KVH, M]
     out, lse = (
         out.transpose(0, 1).reshape(num_kv_heads, f * m, dim),
@@ -351,8 +357,9 @@ def plan_forks(items: list[Fork], num_kv_heads: int, dtype: torch.dtype) -> Fork
     padded = any(r != m for r in rows)
     own = OwnKeys(
         slots=slots.flatten().to(device),
+        run=owns[0][0] if f == 1 and len(owns[0]) == 1 else None,
         q_rows=q_rows.flatten().to(device) if padded else None,
-        mask=mask.to(device),
+        mask=None if bool(visible.all()) else mask.to(device),
         empty=empty.to(device) if bool(empty.any()) else None,
         real=torch.cat(real).to(device) if padded else None,
         shape=(f, m, n),

@@ -203,3 +203,24 @@ def test_step_plans_each_fork_group_once_for_all_layers(kernel: str, monkeypatch
             torch.testing.assert_close(out[0, rows].transpose(0, 1), ref, atol=1e-5, rtol=1e-5)
     lone = [] if kernel == "flash_cpu" else [1]  # the matmul path plans the lone decode too
     assert plans == [2, 1, *lone]  # the forks together, the two-run sequence; built in layer 0 only
+
+
+def test_fan_out_decode_needs_no_mask(kernel: str) -> None:
+    """Forks decoding one token each over own keys of one length (a fan-out after its invocation): every
+    row sees every own key, so the own part is one unmasked call; a fork that is one token ahead makes
+    the others' padding keys masked again."""
+    gen = torch.Generator().manual_seed(13)
+    kvh, heads, dim = 2, 4, 8
+    cache_k = torch.randn(kvh, 300, dim, generator=gen)
+    cache_v = torch.randn(kvh, 300, dim, generator=gen)
+    prefix = (10, 74)
+    forks = [(prefix, (200, 209)), (prefix, (220, 229)), (prefix, (240, 249))]
+    items = [(torch.randn(heads, 1, dim), segs, 64 + 9 - 1) for segs in forks]
+    plan = attention.plan_forks(items, kvh, torch.float32)
+    assert plan.shared == (prefix,) and plan.own is not None and plan.own.mask is None
+    check_forks(forks, [1, 1, 1], cache_k, cache_v, heads, gen)
+    ahead = [*forks[:2], (prefix, (240, 250))]
+    items = [(torch.randn(heads, 1, dim), segs, sum(e - s for s, e in segs) - 1) for segs in ahead]
+    own = attention.plan_forks(items, kvh, torch.float32).own
+    assert own is not None and own.mask is not None
+    check_forks(ahead, [1, 1, 1], cache_k, cache_v, heads, gen)
