@@ -35,9 +35,9 @@ and row indices, mask) is built once per step and shared by every layer:
     K pool [KVH, S, D] --index_select(slots [B*L])--> [B, KVH, L, D]  <-  Q [B, KVH, G*Tq, D]
 """
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -101,20 +101,19 @@ def paged_attention_forward(
             by_first_slot[seq.kv_segments[0][0]].append((rows, q, seq.kv_segments, q_offset))
     if short:
         groups = num_heads // k_cache.shape[0]
-        plan = step_batch.derived.get(("gather", groups))
-        if plan is None:  # the first layer of the step plans for all of them
-            plan = gather_plan(short, groups, k_cache.shape[0] * k_cache.shape[2], query.device)
-            step_batch.derived[("gather", groups)] = plan
-        for batch in cast(list[GatherBatch], plan):
+        plan = step_batch.derive(  # the first layer of the step plans for all of them
+            ("gather", groups),
+            lambda: gather_plan(short, groups, k_cache.shape[0] * k_cache.shape[2], query.device),
+        )
+        for batch in plan:
             attend_gathered(batch, query[0], k_cache, v_cache, scale, out)
     for first_slot, items in by_first_slot.items():
         seqs = [(q, segs, off) for _, q, segs, off in items]
         fork_plan = None
-        if not _lone_decode(seqs):  # the first layer of the step plans for all of them
-            fork_plan = cast(ForkPlan | None, step_batch.derived.get(("forks", first_slot)))
-            if fork_plan is None:
-                fork_plan = plan_forks(seqs, k_cache.shape[0], query.dtype)
-                step_batch.derived[("forks", first_slot)] = fork_plan
+        if not _lone_decode(seqs):
+            fork_plan = step_batch.derive(
+                ("forks", first_slot), functools.partial(plan_forks, seqs, k_cache.shape[0], query.dtype)
+            )
         outs = attend_forks(seqs, k_cache, v_cache, scale, fork_plan)
         for (rows, _, _, _), o in zip(items, outs, strict=True):
             out[rows] = o.transpose(0, 1)
@@ -377,14 +376,13 @@ def _part(
 ) -> Part:
     """Attention of q [..., r, D] over one run of keys k, v [..., n, D] (views; leading dims [KVH] or
     [B, KVH]), with an optional additive mask broadcastable to [..., r, n]: (out [..., r, D], logsumexp
-    [..., r]). A row that sees no key gets out 0, lse -inf (`empty` marks them when already known)."""
+    [..., r]). A row that sees no key (the mask's rows marked in `empty`, broadcastable to [..., r])
+    gets out 0, lse -inf."""
     if not _flash_cpu_serves(q):
         return _part_matmul(q, k, v, mask, scale)
     out, lse = _flash_cpu(q, k, v, mask, scale)
     lse = lse.float()
-    if mask is not None:  # the kernel reports lse 0 for a row with every key masked; it must weigh nothing
-        if empty is None:
-            empty = torch.isneginf(mask).all(dim=-1)
+    if empty is not None:  # the kernel reports lse 0 for a row with every key masked; it must weigh nothing
         lse = lse.masked_fill(empty, float("-inf"))
     return out, lse
 
@@ -400,12 +398,11 @@ def _flash_cpu(
     lse [(B,) KVH, r]). Called directly, the kernel reads rows as unit-stride without checking (public
     SDPA would check and fall back), so a view with another last-dimension stride is copied first."""
     assert _FLASH_CPU is not None
+    unbatched = q.dim() == 3
+    q, k, v = (t.unsqueeze(0) if unbatched else t for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if q.dim() == 4:
-        out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=scale)[:2]
-        return out, lse
-    out, lse = _FLASH_CPU(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale)[:2]
-    return out[0], lse[0]
+    out, lse = _FLASH_CPU(q, k, v, attn_mask=mask, scale=scale)[:2]
+    return (out[0], lse[0]) if unbatched else (out, lse)
 
 
 def _part_matmul(

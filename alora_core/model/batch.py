@@ -7,11 +7,14 @@ the LoRA layers only read it. Rows are grouped by sequence:
     positions: | c0-t0 ... c0-1                | c1-1                | ...        |   (c = context_len)
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class StepBatch:
     logits_rows: torch.Tensor  # [n] rows whose logits are needed (last new row of sequences that sample)
     # what the attention layers derive from the spans once per step and share (see attention.gather_plan)
     derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
+
+    def derive(self, key: object, build: Callable[[], T]) -> T:
+        """What `build` derives from this step's layout, built by the first layer that asks for `key`."""
+        if key not in self.derived:
+            self.derived[key] = build()
+        return cast(T, self.derived[key])
 
 
 @dataclass
