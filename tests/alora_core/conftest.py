@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from alora_core import Engine, EngineConfig
 from alora_core.fixtures import DemoPaths, write_demo
-from tests.alora_core.redis_server import RedisServer, free_port, redis_binary
 
 SPECIAL_IDS = 3  # ids 0..2 are the role / end-of-text specials: random contexts avoid them
 TEST_DEVICE = os.environ.get("ALORA_TEST_DEVICE", "cpu")
@@ -101,12 +100,3 @@ def engine(make_engine: Callable[..., Engine]) -> Engine:
 def random_ids(n: int, seed: int, vocab: int = 500) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(SPECIAL_IDS, vocab, (n,), generator=g).tolist()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A fresh redis-server for one test (skipped without the binary, failed under CI)."""
-    server = RedisServer(redis_binary(), free_port())
-    server.start()
-    yield server
-    server.kill()

@@ -3,7 +3,6 @@ resumes a conversation the first one created; /ready stays 200 and says "degrade
 down, requests still succeed, and Redis is used again when it returns, without a restart."""
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,14 +14,6 @@ from tests.alora_core.redis_server import RedisServer, redis_binary
 from tests.service.conftest import KEY_A, ServerProcess, free_port, invocation_ids
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(redis_binary(), free_port())
-    server.start()
-    yield server
-    server.kill()
 
 
 def serve(demo: DemoPaths, redis_url: str, log: Path) -> ServerProcess:
