@@ -38,6 +38,7 @@ from alora_core.lora.registry import AdapterRegistry
 from alora_core.model import cpu_linear
 from alora_core.model.batch import ForwardContext
 from alora_core.model.loader import DType, LoadedModel, load_model
+from alora_core.model.step_buffers import StepBuffers, paged_kernel_available
 from alora_core.request import Request, RequestHandle, TokenCallback
 from alora_core.sampling import SamplingParams
 from alora_core.scheduler import ModelHandle, Scheduler, SchedulerConfig
@@ -162,6 +163,14 @@ class Engine:
             transposed = cpu_linear.calibrate(loaded.model)
             log.info("CPU linears calibrated: %d take W @ x^T at some small-batch row counts", transposed)
         self.ctx = ForwardContext()
+        if paged_kernel_available(loaded.device):  # CUDA: step metadata on the device, the paged kernel
+            self.ctx.buffers = StepBuffers(
+                max_tokens=config.max_num_batched_tokens,
+                max_seqs=config.max_num_seqs,
+                max_blocks=-(-self.max_model_len // config.block_size),
+                block_size=config.block_size,
+                device=loaded.device,
+            )
         self.adapters = AdapterRegistry(
             loaded.model, loaded.tokenizer, self.ctx, config.max_adapters, loaded.dtype, loaded.device
         )

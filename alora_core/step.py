@@ -16,13 +16,16 @@ from transformers import PreTrainedTokenizerBase
 
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.model.batch import ForwardContext, LoraBatch, SeqSpan, StepBatch
+from alora_core.model.step_buffers import StepBuffers
 from alora_core.sampling import sample
 from alora_core.sequence import Sequence
 
 Work = tuple[Sequence, int, int]  # (sequence, first position to feed, end position)
 
 
-def build_step_batch(work: list[Work], pool: BlockPool, device: torch.device) -> StepBatch:
+def build_step_batch(
+    work: list[Work], pool: BlockPool, device: torch.device, buffers: StepBuffers | None = None
+) -> StepBatch:
     ids: list[int] = []
     positions, slots, adapter_index, spans, logits_rows = [], [], [], [], []
     for seq, start, end in work:
@@ -37,6 +40,14 @@ def build_step_batch(work: list[Work], pool: BlockPool, device: torch.device) ->
         spans.append(SeqSpan(row, end - start, end, seq.table.segments(end)))
         if end == seq.num_tokens:
             logits_rows.append(row + end - start - 1)
+    if buffers is not None:  # CUDA: every per-step tensor through one pinned buffer and one copy
+        ints = (
+            torch.tensor(ids, dtype=torch.long),
+            torch.cat(positions),
+            torch.cat(slots),
+            torch.cat(adapter_index),
+        )
+        return buffers.upload(*ints, torch.tensor(logits_rows, dtype=torch.long), tuple(spans), pool.kv)
     index = torch.cat(adapter_index).to(device)
     return StepBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
@@ -72,7 +83,7 @@ def run_step(
     device: torch.device,
 ) -> None:
     """Feed each sequence's [start, end) and sample the next token of those that reached their end."""
-    batch = build_step_batch(work, pool, device)
+    batch = build_step_batch(work, pool, device, ctx.buffers)
     logits = forward(model, ctx, batch)
     sampling = [seq for seq, _, end in work if end == seq.num_tokens]
     for seq, _, end in work:

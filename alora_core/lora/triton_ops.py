@@ -21,7 +21,6 @@ dtype): neither the token count nor a newly loaded adapter changes the key, so n
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,10 +30,12 @@ import triton.language as tl  # type: ignore[import-untyped]
 
 from alora_core.lora.adapters import LoraWeights
 from alora_core.model.batch import LoraBatch
+from alora_core.model.triton_helpers import INTERPRET as _INTERPRET
+from alora_core.model.triton_helpers import cdiv as _cdiv
+from alora_core.model.triton_helpers import dot as _dot
 
 MIN_RANK_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 SMALL_BLOCK_M, LARGE_BLOCK_M = 16, 64  # rows per block: decode-like steps / long prefill segments
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # fixed when this module is imported, like triton.jit
 
 
 def _configs(name: str, sizes: Sequence[tuple[int, int, int]]) -> list[triton.Config]:
@@ -43,22 +44,7 @@ def _configs(name: str, sizes: Sequence[tuple[int, int, int]]) -> list[triton.Co
     return [triton.Config({name: size}, num_warps=warps, num_stages=stages) for size, warps, stages in sizes]
 
 
-# Kernels call tl builtins and the helpers below only, never triton.language's own @jit helpers
-# (tl.cdiv, tl.zeros): those are fixed compiled-or-interpreted when triton is first imported,
-# which in a test process may come before TRITON_INTERPRET is set for this module.
-@triton.jit
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:  # interpreter only: it multiplies bf16 bit patterns (triton#11584), fp32 holds bf16 exactly
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
+# Kernels call tl builtins and the helpers of model/triton_helpers.py only (why: see there).
 @triton.autotune(
     configs=_configs("BLOCK_K", [(64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2)]),
     key=["in_features", "BLOCK_M", "BLOCK_R"],

@@ -77,6 +77,10 @@ def paged_attention_forward(
     """query: [1, H, T, D]; key, value: [1, KVH, T, D]. Returns ([1, T, H, D], None)."""
     if step_batch is None:
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention needs the step_batch forward kwarg")
+    if step_batch.device_step is not None:  # CUDA: one paged Triton kernel over the pool, no gather
+        from alora_core.model.paged_attention_triton import attention_forward
+
+        return attention_forward(module, query, key, value, scaling, step_batch, **kwargs)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     k_cache = step_batch.kv[layer, 0]  # [KVH, S, D]
     v_cache = step_batch.kv[layer, 1]

@@ -10,9 +10,12 @@ the LoRA layers only read it. Rows are grouped by sequence:
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from alora_core.model.step_buffers import DeviceStep, StepBuffers
 
 T = TypeVar("T")
 
@@ -94,6 +97,8 @@ class StepBatch:
     logits_rows: torch.Tensor  # [n] rows whose logits are needed (last new row of sequences that sample)
     # what the attention layers derive from the spans once per step and share (see attention.gather_plan)
     derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
+    # CUDA: the step's metadata on the device, read by the paged Triton kernel (model/step_buffers.py)
+    device_step: "DeviceStep | None" = None
 
     def derive(self, key: object, build: Callable[[], T]) -> T:
         """What `build` derives from this step's layout, built by the first layer that asks for `key`."""
@@ -104,9 +109,11 @@ class StepBatch:
 
 @dataclass
 class ForwardContext:
-    """Shared by the wrapped LoRA layers of one model: the batch of the forward in flight."""
+    """Shared by the wrapped LoRA layers of one model: the batch of the forward in flight (and, on CUDA,
+    the device buffers every step's batch is uploaded through)."""
 
     batch: StepBatch | None = field(default=None)
+    buffers: "StepBuffers | None" = field(default=None)
 
     @contextmanager
     def bind(self, batch: StepBatch) -> Iterator[None]:
