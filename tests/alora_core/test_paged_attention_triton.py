@@ -50,7 +50,8 @@ finally:
 if pa.INTERPRET == CUDA:
     raise RuntimeError("the Triton kernels were imported before this module chose the Triton mode")
 
-from alora_core import Engine  # noqa: E402
+from alora_core import Engine, SamplingParams  # noqa: E402
+from alora_core.fixtures import DemoPaths  # noqa: E402
 from alora_core.model import attention  # noqa: E402
 from tests.alora_core.conftest import PeftOracle, random_ids  # noqa: E402
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
@@ -393,6 +394,48 @@ def test_engine_on_the_kernel_path_matches_peft(
     layers = engine.loaded.shape.num_layers
     assert len(launches) == layers * len(steps), "every layer of every step attends on the kernel"
     assert max(steps) >= 3  # base, aLoRA forks and LoRA rows really shared steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_bf16_engine_is_as_close_to_float32_as_peft_bf16(
+    make_engine: Callable[..., Engine],
+    oracle: PeftOracle,
+    demo: DemoPaths,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    """bfloat16 engine logits against the float32 PEFT oracle, beside PEFT's own bfloat16 run: prefill
+    (a base turn) and the short-query path (an aLoRA intrinsic over the cached conversation). The two
+    bf16 runs round differently, so per-logit errors differ either way; their RMS over every logit of
+    4 contexts agrees within ~10% (a wrong key or a lost rescale is 10-100x off). The reference path is
+    the CPU one on CPU and the gather+SDPA one on CUDA."""
+    from alora_core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "paged_kernel_available", lambda device: path == "kernel")
+    engine = make_engine(dtype="bfloat16")
+    assert (engine.ctx.buffers is not None) == (path == "kernel")
+    low = PeftOracle(demo, torch.bfloat16)
+    one = SamplingParams(max_tokens=1, return_logits=True)
+    ours, peft = [], []
+    for seed in range(4):
+        history = random_ids(70, seed=800 + seed)
+        contexts = [(None, history)]
+        result = engine.generate(f"c{seed}", history, one)
+        assert result.logits is not None
+        logits = [result.logits[0]]
+        invocation = list(engine.adapters.get("certainty").spec.invocation_tokens or ())
+        contexts.append(("certainty", engine.conversation_tokens(f"c{seed}") + invocation))
+        result = engine.intrinsic("certainty", f"c{seed}", None, one)
+        assert result.logits is not None
+        logits.append(result.logits[0])
+        for (adapter, context), got in zip(contexts, logits, strict=True):
+            exact = oracle.generate(adapter, context, 1)[1][0]
+            ours.append(got.float() - exact)
+            peft.append(low.generate(adapter, context, 1)[1][0] - exact)
+    rms_ours, rms_peft = (torch.cat(e).pow(2).mean().sqrt().item() for e in (ours, peft))
+    assert rms_peft > 1e-3, "PEFT's bf16 run should differ from float32"
+    assert rms_ours <= 1.2 * rms_peft, f"bf16 engine RMS error {rms_ours:.4f} vs PEFT bf16 {rms_peft:.4f}"
 
 
 COMPILE_CHECK = textwrap.dedent(
