@@ -223,7 +223,26 @@ def layer_case(
 def end_to_end(
     shape: dict[str, Any], args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> dict:
-    config = LlamaConfig(
+    engine, invocation = build_engine(
+        shape,
+        device,
+        dtype,
+        kv_cache_bytes=(8 << 30) if device.type == "cuda" else (64 << 20),
+        prefill_chunk_tokens=2048,
+        max_num_batched_tokens=2048,
+    )
+    try:
+        return run_e2e(engine, invocation, args.context, args.decode_tokens)
+    finally:
+        engine.close()
+
+
+def build_engine(
+    shape: dict[str, Any], device: torch.device, dtype: torch.dtype, **config: Any
+) -> tuple[Engine, list[int]]:
+    """An engine over a random-weight Llama-3.1-shaped model built on `device` (no download), with a
+    rank-32 aLoRA ("alora") and LoRA ("lora") on q/k/v/o. Returns (engine, the aLoRA's invocation)."""
+    llama = LlamaConfig(
         **shape,
         max_position_embeddings=131072,
         rms_norm_eps=1e-5,
@@ -240,30 +259,19 @@ def end_to_end(
     tokenizer = build_tokenizer(2000)
     t0 = time.perf_counter()
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        model = AutoModelForCausalLM.from_config(llama, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     model.eval().requires_grad_(False)
     print(f"random model built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     loaded = LoadedModel(
         model, tokenizer, model_shape(model), device, dtype, "random-llama", (tokenizer.eos_token_id,)
     )
-    engine = Engine(
-        loaded,
-        EngineConfig(
-            model="random Llama-3.1-8B shape",
-            kv_cache_bytes=(8 << 30) if device.type == "cuda" else (64 << 20),
-            prefill_chunk_tokens=2048,
-            max_num_batched_tokens=2048,
-        ),
-    )
+    engine = Engine(loaded, EngineConfig(model="random Llama-3.1-8B shape", **config))
     invocation = tokenizer.encode(INVOCATION, add_special_tokens=False)
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, inv) in enumerate((("alora", invocation), ("lora", None))):
-            write_random_adapter(Path(tmp) / name, config, 32, E2E_TARGETS, inv, seed=i)
+            write_random_adapter(Path(tmp) / name, llama, 32, E2E_TARGETS, inv, seed=i)
             engine.adapters.load(name, Path(tmp) / name)
-    try:
-        return run_e2e(engine, invocation, args.context, args.decode_tokens)
-    finally:
-        engine.close()
+    return engine, invocation
 
 
 def run_e2e(engine: Engine, invocation: list[int], context: int, decode_tokens: int) -> dict:
