@@ -22,10 +22,12 @@ Work split (after vLLM's unified Triton attention; our own code):
         segments  > 1:  each segment a contiguous share of the tiles -> (acc, max, sum) partials,
                         then reduce: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s   (split-KV)
 
-Split heuristic (`plan_launch`): short-query steps (decode, an intrinsic's invocation: every query <= 16
-tokens) over long contexts have few programs (a decode at batch 1 with 8 KV heads: 8), each streaming
-the whole context; they split the keys into up to 16 segments until the grid fills the GPU, keeping
->= 256 keys per segment. Long queries use 64-row blocks and no split.
+Tiling and split heuristic (`plan_launch`): a program's rows are the G heads of its kv head times as
+many of a sequence's tokens as fit in 16..64 rows (a decode with G = 4: 16 rows; a 10-token invocation:
+64 rows, all its tokens, so its keys are read once per kv head). Short-query steps (decode, an
+intrinsic's invocation: every query <= 16 tokens) over long contexts have few programs (batch 1 with 8
+KV heads: 8), each streaming the whole context; they split the keys into up to 16 segments until the
+grid fills the GPU (2 programs per SM), keeping >= 256 keys per segment. Long queries: 64 rows, no split.
 
 New K/V are written by `write_kv` (one launch for K and V) at slot_mapping; slot -1 (padding) is skipped.
 """
@@ -61,7 +63,9 @@ class Launch:
 def plan_launch(step: DeviceStep, num_kv_heads: int, groups: int, target_programs: int) -> Launch:
     """Block shape and key split of one step (host ints only: the same for every layer)."""
     short = step.max_query_len <= SHORT_QUERY
-    block_m = max(16 if short else 64, triton.next_power_of_2(groups))
+    # a short query's tokens in one block where they fit: each block re-reads its sequence's keys
+    rows = min(64, max(16, triton.next_power_of_2(groups * step.max_query_len))) if short else 64
+    block_m = max(rows, triton.next_power_of_2(groups))
     block_q = max(1, block_m // groups)
     segments = 1
     if short:

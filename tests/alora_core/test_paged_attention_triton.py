@@ -337,8 +337,9 @@ def test_plan_splits_short_queries_over_long_contexts_only() -> None:
     decode_b1 = pa.plan_launch(step(1, 1, 1, 8192), 8, 4, h100)
     assert (decode_b1.block_m, decode_b1.block_q, decode_b1.segments) == (16, 4, 16)
     extend = pa.plan_launch(step(1, 10, 10, 8202), 8, 4, h100)  # an intrinsic's invocation over 8K keys
-    assert extend.segments == 16 and extend.block_m == 16
-    assert pa.plan_launch(step(8, 80, 10, 8202), 8, 4, h100).segments == 2
+    assert (extend.block_m, extend.block_q, extend.segments) == (64, 16, 16)  # its 10 tokens in one block
+    assert pa.plan_launch(step(8, 80, 10, 8202), 8, 4, h100).segments == 4
+    assert pa.plan_launch(step(4, 7, 4, 8202), 8, 4, h100).block_m == 16  # 4 tokens x 4 heads
     assert pa.plan_launch(step(32, 32, 1, 2048), 8, 4, h100).segments == 1  # 320 programs fill the GPU
     assert pa.plan_launch(step(1, 1, 1, 300), 8, 4, h100).segments == 1  # too few keys to split
     prefill = pa.plan_launch(step(2, 600, 512, 4096), 8, 4, h100)
