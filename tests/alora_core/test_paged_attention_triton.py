@@ -254,6 +254,7 @@ def test_lengths_from_one_to_several_blocks(dtype: torch.dtype) -> None:
         first += count + 1  # a free block between runs
     case = build_case(seqs, 2, 2, 64, dtype, gen)
     ref = case.reference(0.125)
+    assert pa.plan_launch(case.step, 2, 2, pa.target_programs(DEVICE)).block_m == 32  # 16 tokens x 2 heads
     for plan in (None, launch(16, 2, 4)):
         assert_rel_close(run_kernel(case, 0.125, plan), ref, dtype)
 
@@ -459,10 +460,12 @@ COMPILE_CHECK = textwrap.dedent(
         )
         assert compiled.asm["cubin"], (jit, arch, meta)
 
-    # (arch, dtype, head_dim, groups, block_m, split, softcap, window, sinks): the Llama-3-8B shape's decode
-    # (split) and prefill tiles on H100 and A100, then other dtypes, head dims and every feature
+    # (arch, dtype, head_dim, groups, block_m, split, softcap, window, sinks): the Llama-3-8B shape's
+    # decode, extend and prefill tiles on H100 and A100, then other dtypes, head dims and every feature
     CASES = [
         (90, "bf16", 128, 4, 16, True, False, False, False),
+        (90, "bf16", 128, 4, 64, True, False, False, False),
+        (90, "bf16", 128, 4, 32, False, False, False, False),
         (90, "bf16", 128, 4, 64, False, False, False, False),
         (80, "bf16", 128, 4, 16, True, False, False, False),
         (90, "fp16", 64, 8, 16, False, True, True, True),
