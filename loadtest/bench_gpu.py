@@ -25,6 +25,7 @@ itself (its numbers mean nothing).
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -108,26 +109,29 @@ def main() -> None:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
     budget = Budget(args.budget_s)
-
-    rows = []
-    for name, batch, new, context in cases:
-        rows.append(kernel_case(name, batch, new, context, shape, device, dtype))
-        log(f"kernel {name} batch {batch} over {context} keys done")
-    e2e = None
-    if not args.skip_e2e and budget.allows("end to end", 150 if device.type == "cuda" else 0):
-        e2e = end_to_end(TINY if args.cpu_smoke else LLAMA_8B, args, device, dtype, budget)
-
-    checks = report(rows, e2e, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter smoke run)"
     payload: dict[str, Any] = {
         "device": name,
         "machine": machine(triton=__import__("triton").__version__),
-        "kernel": rows,
+        "kernel": [],
         "skipped": budget.skipped,
-        "total_s": time.perf_counter() - budget.start,
     }
-    if e2e is not None:
-        payload.update(e2e)
+
+    def save(part: dict[str, Any]) -> None:
+        """What is measured so far, on disk (marked partial): a run cut short still leaves it."""
+        payload.update(part, total_s=time.perf_counter() - budget.start)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**payload, "partial": True}, indent=2))
+
+    for case, batch, new, context in cases:
+        payload["kernel"].append(kernel_case(case, batch, new, context, shape, device, dtype))
+        save({})
+        log(f"kernel {case} batch {batch} over {context} keys done")
+    if not args.skip_e2e and budget.allows("end to end", 150 if device.type == "cuda" else 0):
+        end_to_end(TINY if args.cpu_smoke else LLAMA_8B, args, device, dtype, budget, save)
+
+    checks = report(payload["kernel"], payload if "alora_ttft_ms_8192" in payload else None, device)
+    payload["total_s"] = time.perf_counter() - budget.start
     finish(args.out, payload, checks, smoke=args.cpu_smoke)
 
 
@@ -233,8 +237,13 @@ def use_kernel(engine: Engine, on: bool) -> None:
 
 
 def end_to_end(
-    shape: dict[str, Any], args: argparse.Namespace, device: torch.device, dtype: torch.dtype, budget: Budget
-) -> dict[str, Any]:
+    shape: dict[str, Any],
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: Budget,
+    save: Callable[[dict[str, Any]], None],
+) -> None:
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     engine, invocation = build_engine(
@@ -254,16 +263,20 @@ def end_to_end(
         warm_up(engine, args, invocation)
         result["warmup_s"] = time.perf_counter() - t0  # compiles every kernel variant and tunes the LoRA ones
         log(f"warm-up done in {result['warmup_s']:.0f} s")
+        save(result)
         result.update(ttft_and_long_decode(engine, args, invocation, "conv"))
+        save(result)
         log("TTFT done")
         decode: dict[str, float] = {}
         for b in args.batches:
             if budget.allows(f"decode batch {b}", 20 + b if cuda else 0):
                 decode[str(b)] = decode_ms(engine, b, args.decode_context, args.decode_tokens, seed=b)
+                save(result | {"decode_ms_per_token": decode})
                 log(f"decode batch {b}: {decode[str(b)]:.2f} ms/token")
         result["decode_ms_per_token"] = decode
         if "1" in decode:
             result.update(hbm_fraction(engine, decode["1"], args.decode_context, device))
+        save(result)
         if budget.allows("gather path A/B", 60 if cuda else 0):
             use_kernel(engine, False)
             gather = ttft_and_long_decode(engine, args, invocation, "conv-gather")
@@ -271,10 +284,10 @@ def end_to_end(
                 engine, 1, args.decode_context, args.decode_tokens, seed=1
             )
             result["gather_path"] = gather
+            save(result)
             use_kernel(engine, True)
     finally:
         engine.close()
-    return result
 
 
 def warm_up(engine: Engine, args: argparse.Namespace, invocation: list[int]) -> None:
@@ -403,7 +416,7 @@ def report(rows: list[dict], e2e: dict[str, Any] | None, device: torch.device) -
         print(f"  aLoRA intrinsic TTFT   {e2e['alora_ttft_ms_8192']:8.1f} ms   (base KV reused)")
         print(f"  plain LoRA TTFT        {e2e['lora_ttft_ms_8192']:8.1f} ms   (full recompute)")
         print(f"  aLoRA / base decode    {e2e['alora_decode_over_base']:8.2f}x  (on the conversation)")
-        for b, ms in e2e["decode_ms_per_token"].items():
+        for b, ms in e2e.get("decode_ms_per_token", {}).items():
             print(f"  decode batch {b:>3}       {ms:8.2f} ms/token")
         if e2e.get("hbm_fraction_b1") is not None:
             print(f"  HBM fraction, batch 1  {e2e['hbm_fraction_b1']:8.1%}  (of the datasheet bandwidth)")
