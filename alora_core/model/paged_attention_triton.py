@@ -45,7 +45,7 @@ from alora_core.model.batch import StepBatch
 from alora_core.model.step_buffers import DeviceStep
 from alora_core.model.triton_helpers import INTERPRET, add_combine, cdiv, dot, max_combine, tanh
 
-SHORT_QUERY = 16  # steps whose queries are all this short use 16-row blocks and may split the keys
+SHORT_QUERY = 16  # steps whose queries are all this short fit 16..64-row blocks and may split the keys
 MAX_SEGMENTS = 16
 MIN_KEYS_PER_SEGMENT = 256
 TILE_N = 64  # keys per inner iteration

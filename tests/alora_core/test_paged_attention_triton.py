@@ -191,8 +191,9 @@ def test_mixed_step_matches_reference(dtype: torch.dtype, plan: str) -> None:
     assert_rel_close(out, case.reference(0.125), dtype)
 
 
-@pytest.mark.parametrize("groups", [1, 4, 8])
-@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize(
+    ("groups", "dim"), [(1, 64), (1, 128), (4, 64), (4, 128), (8, 64), (8, 128), (3, 96)]
+)  # and Phi-3's head dim 96 (padded to 128 inside) with a ratio that is no power of two
 def test_gqa_ratios_and_head_dims(groups: int, dim: int) -> None:
     gen = torch.Generator().manual_seed(groups * 1000 + dim)
     kv_heads = 1 if groups == 8 else 2
@@ -470,24 +471,26 @@ COMPILE_CHECK = textwrap.dedent(
         (80, "bf16", 128, 4, 16, True, False, False, False),
         (90, "fp16", 64, 8, 16, False, True, True, True),
         (90, "fp32", 64, 1, 64, True, True, True, False),
+        (80, "fp16", 96, 3, 32, True, False, True, False),
     ]
     for arch, dt, dim, groups, block_m, split, softcap, window, sinks in CASES:
+        dim_p, groups_p = triton.next_power_of_2(dim), triton.next_power_of_2(groups)
         pointers = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "sinks_ptr")}
         pointers.update({n: "*fp32" for n in ("part_acc_ptr", "part_max_ptr", "part_sum_ptr")})
         pointers.update({n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_ptr")})
         meta = {
-            "GROUPS": groups, "HEAD_DIM": dim, "HEAD_DIM_P": dim, "BLOCK_SIZE": 16, "BLOCK_M": block_m,
+            "GROUPS": groups, "HEAD_DIM": dim, "HEAD_DIM_P": dim_p, "BLOCK_SIZE": 16, "BLOCK_M": block_m,
             "BLOCK_Q": max(1, block_m // groups), "TILE_N": pa.TILE_N, "SPLIT": split, "SOFTCAP": softcap,
             "WINDOW": window, "SINKS": sinks, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "UPCAST": False,
         }
         compile(pa._attention_kernel, arch, pointers, meta, floats=("scale", "softcap"))
         if split:
             reduce_pointers = {"out_ptr": f"*{dt}", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
-            reduce_meta = {"GROUPS": groups, "GROUPS_P": groups, "HEAD_DIM": dim, "HEAD_DIM_P": dim, "SEGMENTS_P": 16}
+            reduce_meta = {"GROUPS": groups, "GROUPS_P": groups_p, "HEAD_DIM": dim, "HEAD_DIM_P": dim_p, "SEGMENTS_P": 16}
             compile(pa._reduce_kernel, arch, reduce_pointers, reduce_meta)
         kv_pointers = {n: f"*{dt}" for n in ("key_ptr", "value_ptr", "k_cache_ptr", "v_cache_ptr")}
         kv_pointers["slots_ptr"] = "*i64"
-        compile(pa._write_kv_kernel, arch, kv_pointers, {"KV_HEADS": 8, "KV_HEADS_P": 8, "HEAD_DIM": dim, "HEAD_DIM_P": dim})
+        compile(pa._write_kv_kernel, arch, kv_pointers, {"KV_HEADS": 8, "KV_HEADS_P": 8, "HEAD_DIM": dim, "HEAD_DIM_P": dim_p})
     print("compiled")
     """
 )
