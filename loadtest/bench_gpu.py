@@ -211,6 +211,21 @@ def kernel_case(
     row["gather_max_err"] = (out_gather.float() - reference).abs().max().item() / span
     dev = {k: row[f"{k}_device_ms"] or row[f"{k}_ms"] for k in ("kernel", "gather")}
     row["speedup"] = dev["gather"] / dev["kernel"]
+    if batch == 1:  # tuning data for the split and tile heuristics (untuned so far): device ms by variant
+        row["sweep_ms"] = {}
+        variants = [(s, launch.tile_n) for s in (1, 2, 4, 8, 16, 32)] + [
+            (launch.segments, n) for n in (32, 128)
+        ]
+        for segments, tile_n in variants:
+            forced = pa.Launch(launch.block_m, launch.block_q, tile_n, segments)
+
+            def run(forced: pa.Launch = forced) -> None:
+                pa.paged_attention(q, k_cache, v_cache, out_kernel, step, scale, launch=forced)
+
+            ms = device_ms(run, device)
+            row["sweep_ms"][f"segments={segments} tile_n={tile_n}"] = (
+                ms if ms is not None else time_ms(run, device)
+            )
     kv_bytes = 2 * batch * keys * kv_heads * dim * k_cache.element_size()
     row["kernel_tb_s"] = kv_bytes / (dev["kernel"] * 1e-3) / 1e12
     return row
