@@ -100,7 +100,14 @@ def paged_attention_forward(
     softcap: attention logit soft-capping; s_aux: [H] attention sink logits."""
     if step_batch is None:
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention needs the step_batch forward kwarg")
-    _refuse_unhandled(module, attention_mask, dropout, is_causal, kwargs)
+    if (
+        attention_mask is not None
+        or dropout
+        or not NEUTRAL_KWARGS.issuperset(kwargs)
+        or is_causal is False
+        or getattr(module, "is_causal", True) is False
+    ):
+        _refuse_unhandled(module, attention_mask, dropout, is_causal, kwargs)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     k_cache = step_batch.kv[layer, 0]  # [KVH, S, D]
     v_cache = step_batch.kv[layer, 1]
