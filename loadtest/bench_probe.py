@@ -2,7 +2,7 @@
 
 For each preset (tiny: the offline demo; bench: bench_core's model, 8 layers, hidden 512, vocab 32000),
 float32 on CPU: the model load, then the probe alone (median of --repeats runs: the engine's forward
-over 2 steps of 43 tokens, transformers' eager forward of 4 sequences of 6-14 tokens), against the
+over 2 steps of 19 + 16 tokens, transformers' eager forward of 4 sequences of 6-14 tokens), against the
 engine's whole construction. The probe runs once per process; requests never pay for it.
 
     python -m loadtest.bench_probe [--presets tiny bench] [--repeats 5] [--threads N] [--out FILE]

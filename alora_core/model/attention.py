@@ -147,14 +147,14 @@ def paged_attention_forward(
         for batch in plan:
             attend_gathered(batch, query[0], k_cache, v_cache, scale, out, softcap=softcap, sinks=sinks)
     for first_slot, items in by_first_slot.items():
-        seqs_ = [(q, segs, off) for _, q, segs, off in items]
+        group = [(q, segs, off) for _, q, segs, off in items]
         fork_plan = None
-        if not _lone_decode(seqs_, softcap):
+        if not _lone_decode(group, softcap, window):
             fork_plan = step_batch.derive(
                 ("forks", first_slot, window, sdpa),
-                functools.partial(plan_forks, seqs_, k_cache.shape[0], query.dtype, window),
+                functools.partial(plan_forks, group, k_cache.shape[0], query.dtype, window),
             )
-        outs = attend_forks(seqs_, k_cache, v_cache, scale, fork_plan, softcap=softcap, sinks=sinks)
+        outs = attend_forks(group, k_cache, v_cache, scale, fork_plan, softcap=softcap, sinks=sinks)
         for (rows, _, _, _), o in zip(items, outs, strict=True):
             out[rows] = o.transpose(0, 1)
     return out.unsqueeze(0), None
