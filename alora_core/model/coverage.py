@@ -47,8 +47,10 @@ RECURRENT_MODELS = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"
 STATIC_ROPE = frozenset({"default", "linear", "yarn", "llama3", "proportional"})
 # Logit error of the probe, relative to the reference (row-centred L2), by dtype. What the probe
 # catches (a bypassed pool, mixed sequences, a term nobody listed) measured 0.7 to 1.7; rounding
-# alone measured ~1e-6 in float32, ~3e-3 in float16 and ~2e-2 in bfloat16 on the tiny test models.
-PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# alone measured up to 1.4e-6 in float32, 2e-3 (3e-3) in float16 and 1.6e-2 (2.5e-2) in bfloat16 on
+# random Llamas of 32 layers (the 2-layer test families), 1.9e-2 and 9.4e-2 with activations
+# blown up by a 10x initializer range.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 REFERENCE_ATTENTION = "eager"  # every transformers model defines its attention by its eager path
 
 
@@ -176,7 +178,7 @@ def probe(
     }
     reference = torch.stack([whole[name][positions[name].index(p)] for name, p in checked])
     error = _relative_error(engine, reference)
-    tolerance = PROBE_TOLERANCE.get(dtype, 1e-1)
+    tolerance = PROBE_TOLERANCE.get(dtype, 2.5e-1)
     if error > tolerance:
         _refuse(
             model_type,
