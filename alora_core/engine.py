@@ -54,9 +54,7 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
-    trust_remote_code: bool = (
-        False  # run the model repository's own Python code (it is probed like any other)
-    )
+    trust_remote_code: bool = False  # run the model repository's own code (probed like any model)
     device: str = "auto"
     dtype: DType = "auto"
     block_size: int = 16  # tokens per KV block: the unit of sharing, spilling and Redis values
