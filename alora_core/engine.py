@@ -13,6 +13,7 @@ Conversation caches are tiered (kvcache/tiers.py): idle ones are demoted device 
 under byte budgets and restored on their next request; with Redis any replica can resume them.
 """
 
+import functools
 import logging
 import os
 import time
@@ -37,12 +38,14 @@ from alora_core.kvcache.tiers import TieredCache
 from alora_core.lora.registry import AdapterRegistry
 from alora_core.model import cpu_linear
 from alora_core.model.batch import ForwardContext
+from alora_core.model.coverage import probe
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.model.step_buffers import StepBuffers, paged_kernel_available
 from alora_core.request import Request, RequestHandle, TokenCallback
 from alora_core.sampling import SamplingParams
 from alora_core.scheduler import ModelHandle, Scheduler, SchedulerConfig
 from alora_core.sequence import NO_ACTIVATION, FinishReason
+from alora_core.step import forward
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
+    trust_remote_code: bool = False  # run the model repository's own code (probed like any model)
     device: str = "auto"
     dtype: DType = "auto"
     block_size: int = 16  # tokens per KV block: the unit of sharing, spilling and Redis values
@@ -171,8 +175,22 @@ class Engine:
                 block_size=config.block_size,
                 device=loaded.device,
             )
+        # once: the engine's forward against transformers' own; refuses the model on a mismatch
+        self.coverage = probe(
+            loaded.model,
+            functools.partial(forward, loaded.model, self.ctx),
+            shape.num_kv_heads,
+            shape.head_dim,
+            shape.vocab_size,
+        )
         self.adapters = AdapterRegistry(
-            loaded.model, loaded.tokenizer, self.ctx, config.max_adapters, loaded.dtype, loaded.device
+            loaded.model,
+            loaded.tokenizer,
+            self.ctx,
+            config.max_adapters,
+            loaded.dtype,
+            loaded.device,
+            lora_targets=self.coverage.lora_targets,
         )
         self.scheduler = Scheduler(
             ModelHandle(
@@ -206,7 +224,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, adapters: dict[str, str | Path] | None = None) -> "Engine":
-        engine = cls(load_model(config.model, config.device, config.dtype), config)
+        engine = cls(load_model(config.model, config.device, config.dtype, config.trust_remote_code), config)
         for name, path in (adapters or {}).items():
             engine.adapters.load(name, path)
         return engine

@@ -6,7 +6,8 @@ AloraError
 ├── ContextTooLongError       413  context longer than the model maximum or the KV pool
 ├── InvocationMissingError    422  aLoRA input without its invocation sequence
 ├── CapacityError             503  KV blocks exhausted by other live requests (retry later)
-└── AdapterLoadError          --   adapter directory unusable (raised at load time, not per request)
+├── AdapterLoadError          --   adapter directory unusable (raised at load time, not per request)
+└── UnsupportedModelError     --   the model needs what the engine does not compute exactly (start-up)
 """
 
 
@@ -85,3 +86,15 @@ class AdapterConflictError(AdapterLoadError):
 
     status_code = 409
     code = "adapter_conflict"
+
+
+class UnsupportedModelError(AloraError):
+    """The model asks for something the engine does not compute exactly (a Mamba layer, a non-causal
+    mask, an attention argument it does not implement...): refused at start-up, never served approximately."""
+
+    code = "unsupported_model"
+
+    def __init__(self, model_type: str, feature: str) -> None:
+        super().__init__(f"model type {model_type!r} is not supported: {feature}")
+        self.model_type = model_type
+        self.feature = feature

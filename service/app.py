@@ -13,7 +13,9 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import Message, Receive, Scope, Send
 
+from alora_core.errors import AloraError
 from service.auth import Authenticator
 from service.deps import ServiceState
 from service.errors import install_error_handlers
@@ -36,8 +38,13 @@ With API keys configured, send `Authorization: Bearer <key>`; conversations are 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    sources = await anyio.to_thread.run_sync(resolve_sources, settings)
-    engine = await anyio.to_thread.run_sync(build_engine, settings, sources)
+    try:
+        sources = await anyio.to_thread.run_sync(resolve_sources, settings)
+        engine = await anyio.to_thread.run_sync(build_engine, settings, sources)
+    except AloraError as exc:  # refused on purpose (a model it cannot serve exactly, an unusable adapter)
+        log.error("startup refused: %s", exc.message)  # one line; QuietRefusal drops the traceback
+        app.state.startup_refused = True
+        raise
     # threads for every request the engine can run or queue, and a few more: past that it answers 429
     runner = EngineRunner(max_concurrent_calls=engine.config.max_num_seqs + engine.config.max_waiting + 16)
     app.state.service = ServiceState(engine=engine, runner=runner, output_formats=load_output_formats(engine))
@@ -55,6 +62,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("shutdown: waiting for %d engine call(s) still running", runner.running)
     await runner.wait_idle()
     await anyio.to_thread.run_sync(engine.close)
+
+
+class QuietRefusal:
+    """ASGI wrapper for uvicorn: a startup the lifespan refused on purpose, already logged as one line
+    naming the reason, is reported without the traceback Starlette attaches to a failed lifespan."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def relay(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and getattr(
+                self.app.state, "startup_refused", False
+            ):
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, relay if scope["type"] == "lifespan" else send)
 
 
 def create_app(settings: Settings) -> FastAPI:

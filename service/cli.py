@@ -14,7 +14,7 @@ from types import FrameType
 import uvicorn
 from transformers.utils import logging as hf_logging
 
-from service.app import create_app
+from service.app import QuietRefusal, create_app
 from service.metrics import Metrics
 from service.middleware import Drain
 from service.settings import Settings, parse_settings
@@ -68,7 +68,7 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> None:
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        QuietRefusal(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

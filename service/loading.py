@@ -69,6 +69,7 @@ def discover_adapters(adapters_dir: Path) -> dict[str, Path]:
 def build_engine(settings: Settings, sources: Sources) -> Engine:
     config = EngineConfig(
         model=sources.model,
+        trust_remote_code=settings.trust_remote_code,
         device=settings.device,
         dtype=settings.dtype,
         block_size=settings.block_size,

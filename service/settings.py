@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     adapters_dir: Path | None = Field(
         None, description="Directory whose subdirectories are adapters, each named after its folder."
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model repository's own Python code (custom architectures); the start-up "
+        "probe checks it like any other model.",
+    )
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:N.")
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in REPEATABLE:
             metavar = "NAME=PATH" if name == "adapter" else "KEY"
             parser.add_argument(flag(name), dest=name, action="append", metavar=metavar, help=help_text)
+        elif info.annotation is bool:  # a switch: present = true (the env var takes true / false)
+            parser.add_argument(flag(name), dest=name, action="store_const", const=True, help=help_text)
         else:
             parser.add_argument(flag(name), dest=name, metavar=_metavar(info.annotation), help=help_text)
     return parser

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,10 +76,12 @@ def read_adapter(
     linear_shapes: dict[str, tuple[int, int]],
     dtype: torch.dtype,
     device: torch.device,
+    why_not: Callable[[str], str] | None = None,
 ) -> AdapterSpec:
     """Read and validate adapter `name` from `path`.
 
-    linear_shapes: full module name -> (in_features, out_features) of every nn.Linear of the base model.
+    linear_shapes: full module name -> (in_features, out_features) of every nn.Linear of the base model
+    a masked LoRA serves exactly; why_not(module) says why another target is refused.
     """
     root = Path(path)
     config = _read_config(root)
@@ -96,9 +99,8 @@ def read_adapter(
     weights: dict[str, LoraWeights] = {}
     for module, (a, b) in sorted(pairs.items()):
         if module not in linear_shapes:
-            raise AdapterLoadError(
-                f"adapter {name!r} at {root}: target module {module!r} is not a linear layer of the base model"
-            )
+            why = why_not(module) if why_not is not None else "is not a linear layer of the base model"
+            raise AdapterLoadError(f"adapter {name!r} at {root}: target module {module!r} {why}")
         in_features, out_features = linear_shapes[module]
         rank = a.shape[0]
         if a.shape != (rank, in_features) or b.shape != (out_features, rank):

@@ -6,6 +6,7 @@ fused CUDA path the wrappers copy the weights into their group's stacked device 
 are read into host memory first: the device holds one copy.
 """
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from alora_core.lora.layer import (
     warm_up_kernels,
 )
 from alora_core.model.batch import ForwardContext
+from alora_core.model.coverage import why_not_a_target
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,11 @@ class AdapterRegistry:
         max_adapters: int,
         dtype: torch.dtype,
         device: torch.device,
+        lora_targets: frozenset[str] | None = None,
     ) -> None:
+        """lora_targets: the linears a masked LoRA serves exactly (model.coverage.probe); None: every one."""
         self._model = model
+        self._lora_targets = lora_targets
         self._tokenizer = tokenizer
         self._ctx = ctx
         self._max_adapters = max_adapters
@@ -60,9 +65,11 @@ class AdapterRegistry:
         """Load adapter `name` from a PEFT directory. Loading the same weights again is a no-op."""
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise AdapterLoadError(f"adapter name {name!r} must be non-empty: letters, digits, '-', '_', '.'")
-        spec = read_adapter(
-            name, path, self._tokenizer, linear_shapes(self._model), self._dtype, self._weights_device
-        )
+        shapes = linear_shapes(self._model)
+        if self._lora_targets is not None:
+            shapes = {n: s for n, s in shapes.items() if n in self._lora_targets}
+        why_not = functools.partial(why_not_a_target, self._model, targets=frozenset(shapes))
+        spec = read_adapter(name, path, self._tokenizer, shapes, self._dtype, self._weights_device, why_not)
         with self._lock:
             existing = self._by_name.get(name)
             if existing is not None:

@@ -11,9 +11,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from alora_core.model.attention import ATTN_IMPLEMENTATION
+from alora_core.model.coverage import check_config
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    max_position_embeddings: int
+    max_position_embeddings: int  # the longest context served exactly (RoPE scaling may lower it)
 
 
 @dataclass
@@ -56,15 +63,27 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: DType = "auto") -> LoadedModel:
-    """Load `path` (a local directory, or a hub id where the network allows) for serving."""
+def load_model(
+    path: str | Path, device: str = "auto", dtype: DType = "auto", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load `path` (a local directory, or a hub id where the network allows) for serving. Its config is
+    checked first (model/coverage.py): what the engine cannot serve exactly is refused before the
+    weights load."""
     dev, dt = resolve_device_dtype(device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, attn_implementation=ATTN_IMPLEMENTATION)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    exact_len = check_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        config=config,
+        dtype=dt,
+        attn_implementation=ATTN_IMPLEMENTATION,
+        trust_remote_code=trust_remote_code,
+    )
     model.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
     model.eval()
     model.requires_grad_(False)
-    shape = model_shape(model)
+    shape = model_shape(model, exact_len)
     log.info(
         "loaded %s: %d layers, %d kv heads x %d, vocab %d, on %s/%s",
         path,
@@ -86,7 +105,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: DType = "auto") ->
     )
 
 
-def model_shape(model: PreTrainedModel) -> ModelShape:
+def model_shape(model: PreTrainedModel, exact_len: int | None = None) -> ModelShape:
     cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     return ModelShape(
@@ -94,7 +113,7 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings,
+        max_position_embeddings=min(cfg.max_position_embeddings, exact_len or cfg.max_position_embeddings),
     )
 
 

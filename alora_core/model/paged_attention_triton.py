@@ -342,7 +342,6 @@ def attention_forward(
     sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
-    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """The CUDA path of attention.paged_attention_forward: query [1, H, T, D], key/value [1, KVH, T, D]
     -> ([1, T, H, D], None). The layer's sliding window, soft-capping and sinks are honoured."""

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from alora_core import Engine, EngineConfig
 from alora_core.fixtures import DemoPaths, write_demo
+from alora_core.model import attention
 
 SPECIAL_IDS = 3  # ids 0..2 are the role / end-of-text specials: random contexts avoid them
 TEST_DEVICE = os.environ.get("ALORA_TEST_DEVICE", "cpu")
@@ -30,15 +31,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
 class PeftOracle:
     """Hugging Face transformers + PEFT on the same weights: the reference every output is checked against."""
 
-    def __init__(self, demo: DemoPaths, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, demo: DemoPaths, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+    ) -> None:
         self.demo = demo
         self.dtype = dtype
+        self.attn_implementation = attn_implementation  # None: transformers' default for the model
         self.tokenizer = AutoTokenizer.from_pretrained(str(demo.model))
         self._models: dict[str | None, PreTrainedModel] = {}
 
     def model(self, adapter: str | None) -> PreTrainedModel:
         if adapter not in self._models:
-            base = AutoModelForCausalLM.from_pretrained(str(self.demo.model), dtype=self.dtype)
+            base = AutoModelForCausalLM.from_pretrained(
+                str(self.demo.model), dtype=self.dtype, attn_implementation=self.attn_implementation
+            )
             if adapter is None:
                 model = base
             else:
@@ -100,3 +106,16 @@ def engine(make_engine: Callable[..., Engine]) -> Engine:
 def random_ids(n: int, seed: int, vocab: int = 500) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(SPECIAL_IDS, vocab, (n,), generator=g).tolist()
+
+
+@pytest.fixture(params=["flash_cpu", "matmul", "matmul_chunked"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs with ATen's CPU flash kernel for the parts, and with the matmul reference
+    (the path of other devices), whole and in row chunks of a tiny score bound."""
+    if request.param == "flash_cpu":
+        assert attention._FLASH_CPU is not None, "this torch has no CPU flash attention op"
+    else:
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    if request.param == "matmul_chunked":
+        monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 64)
+    return str(request.param)

@@ -18,19 +18,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@pytest.fixture(params=["flash_cpu", "matmul", "matmul_chunked"])
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test runs with ATen's CPU flash kernel for the parts, and with the matmul reference
-    (the path of other devices), whole and in row chunks of a tiny score bound."""
-    if request.param == "flash_cpu":
-        assert attention._FLASH_CPU is not None, "this torch has no CPU flash attention op"
-    else:
-        monkeypatch.setattr(attention, "_FLASH_CPU", None)
-    if request.param == "matmul_chunked":
-        monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 64)
-    return str(request.param)
-
-
 @pytest.mark.parametrize("t", [1, 3, 16, 40])
 @pytest.mark.parametrize("pieces", [1, 3])
 def test_attend_over_segments(t: int, pieces: int, kernel: str) -> None:

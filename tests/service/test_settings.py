@@ -93,3 +93,10 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `(ALORA_[A-Z_]+)` \|", section, flags=re.M)
     assert rows == [(flag(name), env_var(name)) for name in Settings.model_fields]
+
+
+def test_trust_remote_code_is_a_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_settings([]).trust_remote_code is False
+    assert parse_settings(["--trust-remote-code"]).trust_remote_code is True
+    monkeypatch.setenv("ALORA_TRUST_REMOTE_CODE", "true")
+    assert parse_settings([]).trust_remote_code is True
