@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import Message, Receive, Scope, Send
 
 from alora_core.errors import AloraError
+from service import package_version
 from service.auth import Authenticator
 from service.deps import ServiceState
 from service.errors import install_error_handlers
@@ -85,7 +86,7 @@ class QuietRefusal:
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="alora-serve",
-        version="0.1.0",
+        version=package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
     )

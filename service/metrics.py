@@ -15,7 +15,6 @@ import json
 import platform
 import time
 from collections.abc import Iterator
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from prometheus_client.registry import Collector
 from alora_core import Engine, GenerationResult
 from alora_core.sequence import Sequence
 from alora_core.step import Work
+from service import package_version
 
 BASE = "base"  # the adapter label of base-model requests
 UNKNOWN = "unknown"  # a label value that cannot be read (an error code, an adapter slot)
@@ -131,7 +131,7 @@ class Metrics:
         self.build = Info("alora_build", "Versions of the service and its runtime.", registry=r)
         self.build.info(
             {
-                "version": _version(),
+                "version": package_version(),
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "cuda": torch.version.cuda or "none",
@@ -365,10 +365,3 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("alora-serve")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service import package_version
+
 ENV_PREFIX = "ALORA_"
 REPEATABLE = frozenset({"adapter", "api_key"})  # flags given once per value
 
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"Every flag can also be set with the {ENV_PREFIX}* variable named in its help.",
         argument_default=argparse.SUPPRESS,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     for name, info in Settings.model_fields.items():
         help_text = f"{info.description} [env {env_var(name)}]"
         if name in REPEATABLE:

@@ -15,7 +15,7 @@ when the model calls them with that same x.
     v_proj(x) -> v
 """
 
-import importlib.util
+import functools
 import logging
 
 import torch
@@ -35,8 +35,24 @@ SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def lora_kernel_available(device: torch.device) -> bool:
-    """The fused Triton path serves CUDA layers when triton is installed; the rest use the torch reference."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """The fused Triton path serves CUDA layers when triton imports; the rest use the torch reference.
+    Only a CUDA device asks for triton: CPU serving never imports it (a plain `pip install .` lacks it)."""
+    return device.type == "cuda" and _triton_imports()
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    """Whether triton imports; asked once per process, so its absence is one warning at start-up."""
+    try:
+        import triton  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError as exc:
+        log.warning(
+            "triton is not importable (%s): LoRA deltas on CUDA use the torch path instead of the fused "
+            "kernels (slower with many adapters); install triton (PyPI's CUDA torch wheels bring it)",
+            exc,
+        )
+        return False
+    return True
 
 
 class MaskedLoRALinear(nn.Module):
@@ -168,14 +184,19 @@ def warm_up_kernels(model: nn.Module) -> int:
     """Compile and tune the fused kernels for every LoRA group shape of `model` now, instead of in the
     step of the first request that needs them (a stall of seconds: autotuning compiles every config).
     Covers both token-block sizes and odd and even token counts, the launch variants Triton specializes
-    on. Once per distinct (shapes, dtype, rank block); returns how many were warmed."""
+    on. Once per distinct (shapes, dtype, rank block); returns how many were warmed (0 on the torch
+    path, which never imports triton)."""
+    groups = [
+        m.group
+        for m in model.modules()
+        if isinstance(m, MaskedLoRALinear) and m.group is not None and m.group.stack.slots
+    ]
+    if not groups:
+        return 0
     from alora_core.lora.triton_ops import LARGE_BLOCK_M, masked_lora_triton, token_blocks
 
     seen: set[tuple[object, ...]] = set()
-    for module in model.modules():
-        group = module.group if isinstance(module, MaskedLoRALinear) else None
-        if group is None or not group.stack.slots:
-            continue
+    for group in groups:
         stack = group.stack
         weight = group.members[0].base_layer.weight
         key = (stack.in_features, tuple(stack.out_features), weight.dtype, stack.weights.rank_block)

@@ -36,14 +36,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SERVE = [sys.executable, "-m", "service.cli"]  # this checkout's service, in the test's interpreter
+
+
 @dataclass
 class ServerProcess:
-    """`python -m service.cli ARGS` on 127.0.0.1:<free port>, its output in a log file."""
+    """`COMMAND ARGS` (default `python -m service.cli ARGS`) on 127.0.0.1:<free port>, its output in
+    a log file."""
 
     args: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    command: list[str] = field(default_factory=lambda: list(SERVE))
+    cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,18 +58,9 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         env = server_env(self.env)
-        cmd = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *self.args,
-        ]
+        cmd = [*self.command, "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

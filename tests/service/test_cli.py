@@ -8,12 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import httpx
 import pytest
 
 from alora_core.fixtures import DemoPaths
+from service.app import create_app
+from service.settings import Settings
 from tests.service.conftest import ServerProcess, server_env
 
 
@@ -102,3 +105,18 @@ def test_unusable_adapter_fails_startup_with_a_clear_message(demo: DemoPaths, tm
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=server_env())
     assert done.returncode == 3
     assert "DoRA" in done.stderr and "Application startup failed" in done.stderr
+
+
+def test_version_is_the_package_metadata() -> None:
+    """`alora-serve --version`, the OpenAPI document and alora_build_info all say the installed
+    package's version (tests/ops/test_install.py checks it against pyproject in a fresh install)."""
+    expected = metadata.version("alora-serve")
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--version"], capture_output=True, text=True, env=server_env()
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"alora-serve {expected}\n"
+    app = create_app(Settings())
+    assert app.openapi()["info"]["version"] == expected
+    build_info = app.state.metrics.build.collect()[0].samples[0]
+    assert build_info.labels["version"] == expected
