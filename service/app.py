@@ -50,6 +50,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runner = EngineRunner(max_concurrent_calls=engine.config.max_num_seqs + engine.config.max_waiting + 16)
     app.state.service = ServiceState(engine=engine, runner=runner, output_formats=load_output_formats(engine))
     app.state.metrics.bind(engine, "demo" if sources.demo else sources.model)
+    paths = app.openapi()["paths"]  # the route templates, as the middleware labels requests
+    app.state.metrics.bind_routes((method.upper(), path) for path in paths for method in paths[path])
     names = ", ".join(f"{a.spec.name} ({a.spec.kind})" for a in engine.adapters.all()) or "none"
     log.info(
         "serving %s%s with adapters: %s",

@@ -14,8 +14,8 @@ Labels stay bounded: `endpoint` (generate | intrinsic), `adapter` (a loaded adap
 import json
 import platform
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
@@ -29,6 +29,30 @@ from service import package_version
 
 BASE = "base"  # the adapter label of base-model requests
 UNKNOWN = "unknown"  # a label value that cannot be read (an error code, an adapter slot)
+
+# Label values known before the first request. Their series are created at start-up (`preset`), so a
+# counter exports 0 from the first scrape, as vLLM's do, and a dashboard panel shows 0, not "No data".
+# A new label value (an endpoint, an error code...) is added here; adapters come with the engine (bind).
+ENDPOINTS = ("generate", "intrinsic")
+FINISH_REASONS = ("stop", "length")
+REJECTIONS = (  # (status, error code) an engine endpoint can answer (service/errors.py, alora_core/errors.py)
+    ("400", "invalid_request"),
+    ("401", "unauthorized"),
+    ("404", "not_found"),
+    ("404", "unknown_adapter"),
+    ("404", "unknown_conversation"),
+    ("405", "method_not_allowed"),
+    ("409", "conversation_busy"),
+    ("413", "request_too_large"),
+    ("413", "context_too_long"),
+    ("422", "invocation_missing"),
+    ("429", "overloaded"),
+    ("499", "cancelled"),
+    ("499", "client_closed_request"),
+    ("500", "internal_error"),
+    ("503", "kv_cache_exhausted"),
+)
+HTTP_PRESET_STATUS = "500"  # every route's HTTP counter starts with this status (the 5xx panels)
 TIERS = ("device", "host", "redis")
 # (tier, destination) of evicted blocks, and transfer directions, always exported (0 until seen)
 EVICTIONS = (
@@ -51,6 +75,16 @@ E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15
 TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 500000
 
 disable_created_metrics()  # no `*_created` series: Prometheus does not need them, readers trip on them
+
+
+MetricT = TypeVar("MetricT", Counter, Histogram)
+
+
+def preset(metric: MetricT, label_sets: Iterable[tuple[str, ...]]) -> MetricT:
+    """Create `metric`'s series for each known set of label values now: exported as 0 until they move."""
+    for labels in label_sets:
+        metric.labels(*labels)
+    return metric
 
 
 def endpoint_of(path: str) -> str | None:
@@ -84,11 +118,14 @@ class Metrics:
         self.draining = Gauge(
             "alora_draining", "1 after SIGTERM, while in-flight requests finish.", registry=r
         )
-        self.rejected = Counter(
-            "alora_request_rejected",
-            "Requests to /generate and /intrinsic answered with an error, by status and error code.",
-            ["endpoint", "status", "reason"],
-            registry=r,
+        self.rejected = preset(
+            Counter(
+                "alora_request_rejected",
+                "Requests to /generate and /intrinsic answered with an error, by status and error code.",
+                ["endpoint", "status", "reason"],
+                registry=r,
+            ),
+            [(endpoint, *rejection) for endpoint in ENDPOINTS for rejection in REJECTIONS],
         )
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -158,11 +195,13 @@ class Metrics:
             self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.prompt_len,
             self.generation_len, self.prompt_tokens, self.generation_tokens, self.cached_tokens,
         ]  # fmt: skip
-        for labels in pairs:
-            for family in per_request:
-                family.labels(*labels)
-            for reason in ("stop", "length"):
-                self.success.labels(*labels, reason)
+        for family in per_request:
+            preset(family, pairs)
+        preset(self.success, [(*labels, reason) for labels in pairs for reason in FINISH_REASONS])
+
+    def bind_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Once the app's routes are known ((method, route template) pairs): their HTTP counters."""
+        preset(self.requests, [(method, route, HTTP_PRESET_STATUS) for method, route in routes])
 
     def record(self, endpoint: str, result: GenerationResult) -> None:
         """A finished request (called by its route, once per result)."""

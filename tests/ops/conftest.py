@@ -66,8 +66,7 @@ class Scrape:
         )
 
 
-@pytest.fixture(scope="session")
-def ops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def start_ops_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     """The offline demo (no --model), built into a fresh ALORA_CACHE_DIR, with one API key."""
     cache = tmp_path_factory.mktemp("ops-cache")
     args = [
@@ -79,15 +78,33 @@ def ops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
         str(KV_CACHE_BYTES),
     ]
     log = tmp_path_factory.mktemp("ops-logs") / "server.log"
-    proc = ServerProcess(args, log, env={"ALORA_CACHE_DIR": str(cache)}).start()
+    return ServerProcess(args, log, env={"ALORA_CACHE_DIR": str(cache)}).start()
+
+
+@pytest.fixture(scope="session")
+def ops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The server the metrics and load tests share (and send traffic to)."""
+    proc = start_ops_server(tmp_path_factory)
     yield proc
     proc.stop()
 
 
 @pytest.fixture
-def ops_client(ops_server: ServerProcess) -> Iterator[httpx.Client]:
+def fresh_ops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of its own that has served nothing yet (what a dashboard sees right after a deploy)."""
+    proc = start_ops_server(tmp_path_factory)
+    yield proc
+    proc.stop()
+
+
+def ops_client_of(server: ServerProcess) -> httpx.Client:
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.Client(base_url=ops_server.url, headers=headers, timeout=60.0) as client:
+    return httpx.Client(base_url=server.url, headers=headers, timeout=60.0)
+
+
+@pytest.fixture
+def ops_client(ops_server: ServerProcess) -> Iterator[httpx.Client]:
+    with ops_client_of(ops_server) as client:
         yield client
 
 

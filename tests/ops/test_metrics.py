@@ -3,14 +3,17 @@ state is exported, and no label ever carries a conversation id or an API key."""
 
 import json
 import tomllib
+from collections.abc import Iterator
 from typing import Any, cast
 
 import httpx
 from prometheus_client import generate_latest
 
 from alora_core import Engine
+from alora_core.errors import AdapterConflictError, AdapterLoadError, AloraError
 from alora_core.step import Work
-from service.metrics import UNKNOWN, InterTokenTimer, Metrics, error_code_of
+from service.errors import HTTP_CODES, ServiceError
+from service.metrics import ENDPOINTS, REJECTIONS, UNKNOWN, InterTokenTimer, Metrics, error_code_of
 from tests.ops.conftest import API_KEY, MAX_REQUEST_BYTES, ROOT, Scrape, scrape
 
 PER_REQUEST = (
@@ -221,6 +224,39 @@ def test_a_429_is_counted_as_rejected_overloaded() -> None:
         == 1
     )
     assert text.value("alora_http_requests_total", route="/intrinsics", status="429") == 1
+
+
+def test_known_label_values_are_exported_as_zero_before_any_request() -> None:
+    metrics = Metrics()
+    metrics.bind_routes([("POST", "/generate"), ("GET", "/health")])
+    text = Scrape(generate_latest(metrics.registry).decode())
+    rejected = {
+        (s.labels["endpoint"], s.labels["status"], s.labels["reason"]): s.value
+        for s in text.samples["alora_request_rejected_total"]
+    }
+    assert rejected == {(e, status, code): 0 for e in ENDPOINTS for status, code in REJECTIONS}
+    assert ("intrinsic", "429", "overloaded") in rejected  # the dashboards' 429 panel
+    http = {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for s in text.samples["alora_http_requests_total"]
+    }
+    assert http == {("POST", "/generate", "500"): 0, ("GET", "/health", "500"): 0}
+
+
+def test_rejection_label_values_cover_every_error_the_service_answers() -> None:
+    """REJECTIONS lists (status, code) of every error class and handler (service/errors.py), less the
+    adapter load errors: those stop the start-up, no request meets them."""
+
+    def classes(base: type) -> Iterator[type]:
+        yield base
+        for sub in base.__subclasses__():
+            yield from classes(sub)
+
+    answered = {(str(c.status_code), c.code) for base in (AloraError, ServiceError) for c in classes(base)}
+    answered -= {(str(c.status_code), c.code) for c in (AdapterLoadError, AdapterConflictError)}
+    answered |= {(str(status), code) for status, code in HTTP_CODES.items()}
+    answered |= {("400", "invalid_request"), ("499", "client_closed_request"), ("500", "internal_error")}
+    assert answered <= set(REJECTIONS), sorted(answered - set(REJECTIONS))
 
 
 class StubSequence:
