@@ -4,6 +4,7 @@ variable they name exists in the project and is accepted by the service's Settin
 
 import os
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ VARIANTS = ("cpu", "cuda")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
 SETTINGS_ENV = {env_var(name) for name in Settings.model_fields}
+# How both images install the service: the project without extras, under the torch pin (what `make`
+# uses too). tests/ops/test_install.py runs the Dockerfile's line, which must be this one.
+TESTED_INSTALL = ["-c", "constraints/cpu.txt", "."]
 
 
 def yaml_file(path: Path) -> Any:
@@ -50,6 +54,45 @@ def stages(variant: str) -> list[tuple[str, str, list[dict[str, Any]]]]:
         elif out:
             out[-1][2].append(i)
     return out
+
+
+def chain(variant: str) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """The stages the `variant` image is built from, base first (the runtime stage last)."""
+    by_name = {name: stage for stage in stages(variant) for name in [stage[1]]}
+    out = [stages(variant)[-1]]
+    while out[0][0] in by_name:
+        out.insert(0, by_name[out[0][0]])
+    return out
+
+
+def copies(variant: str) -> list[tuple[str, str]]:
+    """(source, destination) of every COPY of the variant's stages, relative to the build context
+    and the WORKDIR."""
+    out = []
+    for _, _, body in chain(variant):
+        for i in body:
+            if i["instruction"] == "COPY":
+                *sources, destination = i["value"].split()
+                for source in sources:
+                    out.append(
+                        (
+                            source,
+                            f"{destination}{Path(source).name}" if destination.endswith("/") else destination,
+                        )
+                    )
+    return out
+
+
+def pip_installs(body: list[dict[str, Any]]) -> list[list[str]]:
+    """The arguments after `pip install` of every pip command that a stage's instructions run."""
+    commands = [shlex.split(c) for i in body if i["instruction"] == "RUN" for c in i["value"].split("&&")]
+    return [words[2:] for words in commands if words[:2] == ["pip", "install"]]
+
+
+def service_install(variant: str) -> list[str]:
+    """The runtime stage's one install, of the service itself: what tests/ops/test_install.py runs."""
+    (install,) = pip_installs(chain(variant)[-1][2])
+    return install
 
 
 def docker_ignored(path: str) -> bool:
@@ -140,6 +183,31 @@ def test_dockerfile_runtime_is_non_root_healthy_and_uses_real_settings(
         r"-c (\S+)", " ".join(v for _, _, b in stages("cpu") for v in (i["value"] for i in b))
     ):
         assert (ROOT / path).is_file(), path
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_images_install_the_tested_line_and_no_test_tools(variant: str) -> None:
+    """Both images install the service with one line, `pip install -c constraints/cpu.txt .`: the
+    project without extras, under the torch pin the torch stage used (and `make` uses). That line is
+    what tests/ops/test_install.py runs in a fresh virtualenv. No stage installs an extra, a test
+    tool or a requirements file, and the tests never enter the build context."""
+    assert service_install(variant) == TESTED_INSTALL, "the image's install line is not the tested one"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^CONSTRAINTS \?= constraints/cpu.txt$", makefile, flags=re.M)  # make's default pin
+    assert ("constraints/cpu.txt", "constraints/cpu.txt") in copies(variant)
+    test_tools = {
+        re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
+        for r in PYPROJECT["project"]["optional-dependencies"]["test"]
+    }
+    for args in (args for _, _, body in chain(variant) for args in pip_installs(body)):
+        assert not any("[" in a for a in args), f"pip install {args}: no extras in the images"
+        assert not {"-r", "--requirement", "-e", "--editable"} & set(args), args
+        assert not test_tools & {a.lower() for a in args}, f"pip install {args}: a test tool"
+        if "torch" in args:
+            pin = TESTED_INSTALL[:2]
+            assert any(args[i : i + 2] == pin for i in range(len(args))), f"pip install {args}: not pinned"
+    assert not [source for source, _ in copies(variant) if source.split("/")[0] == "tests"]
+    assert docker_ignored("tests/conftest.py")
 
 
 def test_compose_services_are_built_here_and_wired_together(monkeypatch: pytest.MonkeyPatch) -> None:

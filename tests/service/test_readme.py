@@ -44,3 +44,7 @@ def test_quickstart_responses_are_real(client: httpx.Client) -> None:
         response = client.request(method, path, json=body)
         assert response.status_code == 200, (path, response.text)
         assert without_timings(response.json()) == without_timings(expected), path
+
+
+def front_page_calls() -> list[tuple[str, str, dict[str, Any] | None, dict[str, Any]]]:
+    return quickstart_calls()

@@ -49,7 +49,9 @@ def test_serves_without_triton(
     try:
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
             history = random_ids(20, seed=1300)
-            turn = client.post("/generate", json={"conversation_id": "t", "input_ids": history, "max_tokens": 3})
+            turn = client.post(
+                "/generate", json={"conversation_id": "t", "input_ids": history, "max_tokens": 3}
+            )
             assert turn.status_code == 200, turn.text
             assert turn.json()["token_ids"] == oracle.generate(None, history, 3)[0]
             full = history + turn.json()["token_ids"]
