@@ -29,7 +29,7 @@ test: lint
 bench-core: install
 	$(BIN)/python -m loadtest.bench_core $(ARGS)
 
-# Operations (see README "Operations"): regenerate the Grafana dashboards from their spec; run the
+# Operations (see docs/operations.md): regenerate the Grafana dashboards from their spec; run the
 # agent load test headless against LOADTEST_HOST (default: a local `make serve`), CSV + JSON under
 # loadtest/results/
 .PHONY: dashboards loadtest

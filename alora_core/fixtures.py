@@ -92,7 +92,7 @@ ADAPTERS = (
 )
 
 
-# Output-format sidecars (read by the service, see README "Adapter output formats"). Bump
+# Output-format sidecars (read by the service, see docs/adapters.md "Output formats"). Bump
 # DEMO_VERSION whenever the written tree changes, so existing trees are rewritten.
 DEMO_VERSION = 2
 OUTPUT_FORMAT_FILE = "alora_output.json"

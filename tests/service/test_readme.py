@@ -1,5 +1,7 @@
-"""The README's quickstart responses are what the offline demo really returns: replay each curl call
-of that section against the test server (same demo model) and compare, timings aside."""
+"""The documented demo responses are what the offline demo really returns: replay each curl call of
+the README's Quickstart and of docs/index.md (the walkthrough) against the test server (same demo
+model) and compare, timings aside. tests/ops/test_install.py replays the README's calls against
+freshly installed packages too."""
 
 import json
 import re
@@ -9,15 +11,19 @@ from typing import Any
 
 import httpx
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = {"ttft_s", "total_s"}
+Call = tuple[str, str, dict[str, Any] | None, dict[str, Any]]
 
 
-def quickstart_calls() -> list[tuple[str, str, dict[str, Any] | None, dict[str, Any]]]:
-    """(method, path, body, expected response) of every `$ curl` in the Quickstart section."""
-    section = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+def documented_calls(path: Path, section: str | None = None) -> list[Call]:
+    """(method, path, body, expected response) of every `$ curl` in a page's console blocks (of the
+    `## section` only, when given)."""
+    text = path.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     calls = []
-    for block in re.findall(r"```console\n(.*?)```", section, flags=re.S):
+    for block in re.findall(r"```console\n(.*?)```", text, flags=re.S):
         for command, expected in re.findall(r"^\$ (curl .*)\n(.*)$", block, flags=re.M):
             args = shlex.split(command)
             url = next(a for a in args if a.startswith("localhost:8000"))
@@ -33,18 +39,31 @@ def quickstart_calls() -> list[tuple[str, str, dict[str, Any] | None, dict[str, 
     return calls
 
 
+def front_page_calls() -> list[Call]:
+    """The README's one example: a first turn and an intrinsic on it."""
+    return documented_calls(ROOT / "README.md", "Quickstart")
+
+
 def without_timings(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in TIMINGS}
 
 
-def test_quickstart_responses_are_real(client: httpx.Client) -> None:
-    calls = quickstart_calls()
-    assert len(calls) >= 4  # a conversation and two intrinsics at least
+def replay(client: httpx.Client, calls: list[Call]) -> None:
     for method, path, body, expected in calls:
         response = client.request(method, path, json=body)
         assert response.status_code == 200, (path, response.text)
         assert without_timings(response.json()) == without_timings(expected), path
 
 
-def front_page_calls() -> list[tuple[str, str, dict[str, Any] | None, dict[str, Any]]]:
-    return quickstart_calls()
+def test_readme_example_responses_are_real(client: httpx.Client) -> None:
+    calls = front_page_calls()
+    assert [path for _, path, _, _ in calls] == ["/generate", "/intrinsic/certainty"]
+    replay(client, calls)
+
+
+def test_getting_started_responses_are_real(client_b: httpx.Client) -> None:
+    """Another tenant than the README's: the same conversation id is its own conversation there."""
+    calls = documented_calls(ROOT / "docs" / "index.md")
+    assert len(calls) >= 5  # a conversation, two intrinsics, the next turn, its state
+    assert front_page_calls() == calls[:2]  # the README shows the walkthrough's beginning
+    replay(client_b, calls)

@@ -11,7 +11,7 @@ from alora_core.fixtures import DemoPaths
 from service.loading import resolve_sources
 from service.settings import Settings, env_var, flag, parse_settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIGURATION_DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 @pytest.fixture(autouse=True)
@@ -88,9 +88,10 @@ def test_adapter_flag_and_adapters_dir_combine_and_conflicts_fail(demo: DemoPath
         resolve_sources(clash)
 
 
-def test_readme_configuration_table_lists_every_setting() -> None:
-    """Each row: | `--flag` | `ALORA_VAR` | default | meaning |, one per Settings field."""
-    section = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+def test_documented_configuration_table_lists_every_setting() -> None:
+    """Each row of docs/configuration.md: | `--flag` | `ALORA_VAR` | default | meaning |, one per
+    Settings field."""
+    section = CONFIGURATION_DOC.read_text()
     rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `(ALORA_[A-Z_]+)` \|", section, flags=re.M)
     assert rows == [(flag(name), env_var(name)) for name in Settings.model_fields]
 
