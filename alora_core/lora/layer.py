@@ -15,7 +15,6 @@ when the model calls them with that same x.
     v_proj(x) -> v
 """
 
-import functools
 import logging
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from alora_core.lora.adapters import LoraWeights
 from alora_core.lora.ops import StackedLora, masked_lora_reference, masked_lora_stacked
 from alora_core.model.batch import ForwardContext, LoraBatch
+from alora_core.model.triton_check import triton_imports
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,7 @@ SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def lora_kernel_available(device: torch.device) -> bool:
     """The fused Triton path serves CUDA layers when triton imports; the rest use the torch reference.
     Only a CUDA device asks for triton: CPU serving never imports it (a plain `pip install .` lacks it)."""
-    return device.type == "cuda" and _triton_imports()
-
-
-@functools.cache
-def _triton_imports() -> bool:
-    """Whether triton imports; asked once per process, so its absence is one warning at start-up."""
-    try:
-        import triton  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError as exc:
-        log.warning(
-            "triton is not importable (%s): LoRA deltas on CUDA use the torch path instead of the fused "
-            "kernels (slower with many adapters); install triton (PyPI's CUDA torch wheels bring it)",
-            exc,
-        )
-        return False
-    return True
+    return device.type == "cuda" and triton_imports()
 
 
 class MaskedLoRALinear(nn.Module):

@@ -13,7 +13,6 @@ Entries past the step's own (padding, for fixed-shape launches such as CUDA grap
 step's token count (empty sequences), logits row 0. A step larger than the buffers grows them.
 """
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from alora_core.model.batch import LoraBatch, SeqSpan, StepBatch
+from alora_core.model.triton_check import triton_imports
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def paged_kernel_available(device: torch.device) -> bool:
     choice = os.environ.get(GPU_ATTENTION_ENV, "triton")
     if choice not in ("triton", "gather"):
         raise ValueError(f"{GPU_ATTENTION_ENV} must be 'triton' or 'gather', got {choice!r}")
-    return device.type == "cuda" and choice == "triton" and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and choice == "triton" and triton_imports()
 
 
 @dataclass(frozen=True)

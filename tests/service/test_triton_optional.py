@@ -1,7 +1,8 @@
 """Triton is optional: a plain `pip install .` lacks it (only the test extra and PyPI's CUDA torch
 wheels bring it). The service runs with `import triton` failing (the module hidden in the server
-process): on CPU without a word, and on CUDA (the device decision forced, the tensors stay on CPU)
-on the torch path with one warning at start-up. Outputs are PEFT's either way.
+process): on CPU without a word, and on CUDA (the LoRA layers' and the attention's device decisions
+forced, the tensors stay on CPU) on the torch paths with one warning at start-up. Outputs are PEFT's
+either way.
 
 The no-extras install itself is tested in tests/ops/test_install.py."""
 
@@ -18,19 +19,21 @@ from tests.service.conftest import ServerProcess, invocation_ids
 
 WARNING = "triton is not importable"
 
-# `python -c` prelude of the server process: hide triton, optionally make the LoRA layers' backend
-# decision see a CUDA device, then run the CLI (argv after -c are its flags).
+# `python -c` prelude of the server process: hide triton, optionally make the LoRA layers' and the
+# attention's backend decisions see a CUDA device, then run the CLI (argv after -c are its flags).
 PRELUDE = textwrap.dedent(
     """
     import sys
     sys.modules["triton"] = None  # `import triton` raises ImportError, as without the package
     if {force_cuda}:
         import torch
+        from alora_core import engine
         from alora_core.lora import layer, registry
-        decide = layer.lora_kernel_available
-        def as_if_cuda(device):
-            return decide(torch.device("cuda"))
-        layer.lora_kernel_available = registry.lora_kernel_available = as_if_cuda
+        lora_decision, attention_decision = layer.lora_kernel_available, engine.paged_kernel_available
+        layer.lora_kernel_available = registry.lora_kernel_available = (
+            lambda device: lora_decision(torch.device("cuda"))
+        )
+        engine.paged_kernel_available = lambda device: attention_decision(torch.device("cuda"))
     from service.cli import main
     main()
     """
