@@ -10,7 +10,7 @@ import httpx
 from prometheus_client import generate_latest
 
 from alora_core import Engine
-from alora_core.errors import AdapterConflictError, AdapterLoadError, AloraError
+from alora_core.errors import AdapterConflictError, AdapterLoadError, AloraError, UnsupportedModelError
 from alora_core.step import Work
 from service.errors import HTTP_CODES, ServiceError
 from service.metrics import ENDPOINTS, REJECTIONS, UNKNOWN, InterTokenTimer, Metrics, error_code_of
@@ -245,7 +245,8 @@ def test_known_label_values_are_exported_as_zero_before_any_request() -> None:
 
 def test_rejection_label_values_cover_every_error_the_service_answers() -> None:
     """REJECTIONS lists (status, code) of every error class and handler (service/errors.py), less the
-    adapter load errors: those stop the start-up, no request meets them."""
+    errors that refuse the start-up (an unusable adapter, a model the engine cannot serve exactly):
+    no request meets them."""
 
     def classes(base: type) -> Iterator[type]:
         yield base
@@ -253,7 +254,8 @@ def test_rejection_label_values_cover_every_error_the_service_answers() -> None:
             yield from classes(sub)
 
     answered = {(str(c.status_code), c.code) for base in (AloraError, ServiceError) for c in classes(base)}
-    answered -= {(str(c.status_code), c.code) for c in (AdapterLoadError, AdapterConflictError)}
+    start_up = (AdapterLoadError, AdapterConflictError, UnsupportedModelError)
+    answered -= {(str(c.status_code), c.code) for c in start_up}
     answered |= {(str(status), code) for status, code in HTTP_CODES.items()}
     answered |= {("400", "invalid_request"), ("499", "client_closed_request"), ("500", "internal_error")}
     assert answered <= set(REJECTIONS), sorted(answered - set(REJECTIONS))
