@@ -1,4 +1,4 @@
-"""Checks and arithmetic on a request's token context: validity, activation start, cache reuse."""
+"""Checks on a request's token context: validity and the aLoRA activation start."""
 
 from alora_core.errors import ContextTooLongError, InvalidRequestError, InvocationMissingError
 from alora_core.kvcache.block_pool import BlockPool
@@ -37,14 +37,6 @@ def activation_start(adapter: ResidentAdapter, context: list[int]) -> int:
             f"{adapter.spec.invocation_text!r} = token ids {invocation}"
         )
     return start
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def last_occurrence(tokens: list[int], pattern: list[int]) -> int | None:

@@ -1,23 +1,26 @@
-"""The engine: the one entry point above the model. Base turns commit to a conversation; intrinsics
-run on a fork of it and leave it untouched. Requests are validated here, then run by the
+"""The engine: the one entry point above the model. Requests are validated here, then run by the
 continuous-batching scheduler thread; `generate` / `intrinsic` wait, `submit_*` return a handle.
 
-    generate(conv, input):   reuse = lcp(conv.cached, input)      -> truncate conv KV, prefill the rest,
-                             decode; commit input + output to conv
-    intrinsic(aLoRA, conv):  start = last invocation in context; reuse = min(lcp, start)
-                             fork conv KV at reuse (shared blocks), adapter on positions >= start,
-                             decode; drop the fork
-    intrinsic(LoRA, ...):    every position adapted: nothing reused, fresh KV, dropped after
+Every request reuses the longest cached prefix of its tokens from the KV index (kvcache/), with or
+without a conversation, whatever API it came through; what it computes joins the index.
 
-Conversation caches are tiered (kvcache/tiers.py): idle ones are demoted device -> host -> Redis
-under byte budgets and restored on their next request; with Redis any replica can resume them.
+    generate(conv?, input):  reuse = longest cached prefix of input (a conversation's own KV token
+                             by token), prefill the rest, decode; with a conversation id, the
+                             conversation (a named handle) moves to input + output
+    intrinsic(aLoRA, ...):   start = last invocation in context; base blocks before the one holding
+                             `start` are shared with base requests and every aLoRA; that block and
+                             later ones belong to (adapter, start); the conversation is unchanged
+    intrinsic(LoRA, ...):    every position adapted: reuses only that LoRA's own earlier blocks
+
+KV is shared only within a tenant (the conversation key's namespace, or `tenant=`) and a
+`cache_salt`. Idle blocks are demoted device -> host -> Redis under byte budgets and restored on
+use; with Redis any replica finds a prefix another computed, and resumes any conversation.
 """
 
 import functools
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +31,14 @@ import torch
 from alora_core.context import activation_start, validate
 from alora_core.errors import ConversationBusyError, InvalidRequestError, UnknownConversationError
 from alora_core.kvcache.block_pool import BlockPool
-from alora_core.kvcache.codec import KVLayout
+from alora_core.kvcache.codec import KVLayout, tenant_of
 from alora_core.kvcache.conversations import Conversation, ConversationStore
 from alora_core.kvcache.cost_model import CostModel, RestorePolicy
 from alora_core.kvcache.host_tier import HostTier
+from alora_core.kvcache.index import PrefixIndex
+from alora_core.kvcache.prefix_cache import PrefixCache
 from alora_core.kvcache.redis_tier import RedisTier
+from alora_core.kvcache.remote import RemoteCache
 from alora_core.kvcache.stats import CacheCounters, CacheStats
 from alora_core.kvcache.tiers import TieredCache
 from alora_core.lora.registry import AdapterRegistry
@@ -80,7 +86,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # new tokens per forward, all sequences together
     max_waiting: int = 256  # queued requests beyond which new ones are refused (HTTP 429)
     max_adapters: int = 32
-    max_conversations: int = 10_000
+    max_conversations: int = 10_000  # conversation handles kept (LRU); id-less requests make none
     # CPU: time two GEMM layouts per weight shape at start (model/cpu_linear.py)
     calibrate_cpu_linears: bool = True
 
@@ -89,7 +95,7 @@ class EngineConfig:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int  # prompt tokens whose KV came from the conversation's cache
+    cached_tokens: int  # prompt tokens whose KV came from the cache (any tier), not computed
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,8 @@ class Engine:
             config.block_size,
         )
         host = HostTier(layout, config.host_cache_bytes // block_bytes, pin=loaded.device.type == "cuda")
-        self.conversations = ConversationStore(self.pool, config.max_conversations, host)
+        self.index = PrefixIndex(loaded.fingerprint, config.block_size)
+        self.conversations = ConversationStore(self.pool, config.max_conversations, host, self.index)
         counters, cost = CacheCounters(), CostModel()
         redis_tier = None
         if config.redis_url:
@@ -155,6 +162,7 @@ class Engine:
             )
         self.tiers = TieredCache(
             self.pool,
+            self.index,
             self.conversations,
             host,
             redis_tier,
@@ -163,6 +171,10 @@ class Engine:
             config.restore_policy,
             None if config.device_cache_bytes is None else config.device_cache_bytes // block_bytes,
         )
+        self.remote = (
+            RemoteCache(redis_tier, self.pool, loaded.fingerprint) if redis_tier is not None else None
+        )
+        self.prefix = PrefixCache(self.tiers, self.conversations, self.remote)
         if loaded.device.type == "cpu" and config.calibrate_cpu_linears:
             transposed = cpu_linear.calibrate(loaded.model)
             log.info("CPU linears calibrated: %d take W @ x^T at some small-batch row counts", transposed)
@@ -211,6 +223,7 @@ class Engine:
                 max_waiting=config.max_waiting,
             ),
             self.tiers,
+            self.prefix,
         )
         log.info(
             "KV pool: %d blocks x %d tokens (%.1f MiB), max_model_len %d; host tier %.1f MiB; Redis %s",
@@ -237,10 +250,16 @@ class Engine:
         input_ids: list[int],
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> GenerationResult:
-        """Base-model continuation. input_ids is the conversation's FULL history; the longest prefix
-        already cached is reused, and history + output become the conversation's new state."""
-        return self.submit_generate(conversation_id, input_ids, params, on_token).result()
+        """Base-model continuation. input_ids is the FULL history; the longest prefix already cached
+        is reused. With a conversation id, history + output become the conversation's new state."""
+        handle = self.submit_generate(
+            conversation_id, input_ids, params, on_token, tenant=tenant, cache_salt=cache_salt
+        )
+        return handle.result()
 
     def intrinsic(
         self,
@@ -249,13 +268,19 @@ class Engine:
         input_ids: list[int] | None = None,
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> GenerationResult:
         """Run adapter `adapter_name` on a context, without changing the conversation.
 
         Context = input_ids if given (an aLoRA's must contain its invocation), else the conversation's
-        tokens with the invocation appended. An aLoRA reuses the conversation's base KV before the
-        invocation; a plain LoRA recomputes everything."""
-        return self.submit_intrinsic(adapter_name, conversation_id, input_ids, params, on_token).result()
+        tokens with the invocation appended. An aLoRA reuses the cached base KV before the block
+        holding its invocation; a plain LoRA reuses only its own earlier blocks."""
+        handle = self.submit_intrinsic(
+            adapter_name, conversation_id, input_ids, params, on_token, tenant=tenant, cache_salt=cache_salt
+        )
+        return handle.result()
 
     def submit_generate(
         self,
@@ -263,13 +288,30 @@ class Engine:
         input_ids: list[int],
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> "EngineHandle":
+        """Submit a base-model turn. conversation_id None: no conversation is made (nothing to
+        commit to); its KV is still cached for any later request with the same prefix.
+
+        tenant: who may reuse its KV (default: the conversation key's namespace, '<tenant>:<id>',
+        else the empty tenant); cache_salt: only requests with the same salt share KV."""
         params = params or SamplingParams()
         self._validate(list(input_ids), params)
+        owner = _tenant(conversation_id, tenant)
         if conversation_id is not None:
             self._resume(conversation_id)
-        key = conversation_id if conversation_id is not None else uuid.uuid4().hex
-        return self._submit(Request("generate", key, list(input_ids), params, on_token=on_token))
+        request = Request(
+            "generate",
+            conversation_id,
+            list(input_ids),
+            params,
+            on_token=on_token,
+            tenant=owner,
+            cache_salt=cache_salt,
+        )
+        return self._submit(request)
 
     def submit_intrinsic(
         self,
@@ -278,8 +320,13 @@ class Engine:
         input_ids: list[int] | None = None,
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        *,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> "EngineHandle":
+        """Submit an intrinsic (see `intrinsic`); tenant and cache_salt as for submit_generate."""
         params = params or SamplingParams()
+        owner = _tenant(conversation_id, tenant)
         adapter = self.adapters.get(adapter_name)
         if input_ids is None and conversation_id is None:
             raise InvalidRequestError("intrinsic needs a conversation_id, input_ids, or both")
@@ -300,6 +347,8 @@ class Engine:
             params,
             adapter=adapter,
             on_token=on_token,
+            tenant=owner,
+            cache_salt=cache_salt,
         )
         return self._submit(request)
 
@@ -327,15 +376,17 @@ class Engine:
             return list(self._conversation(conversation_id).token_ids)
 
     def delete_conversation(self, conversation_id: str) -> None:
-        """Forget the conversation here and in Redis."""
+        """Forget the conversation here and in Redis, with the KV of its chain nothing else holds."""
         self._resume(conversation_id)
         with self.scheduler.state_lock:
-            self._conversation(conversation_id)
             if conversation_id in self.scheduler.busy_conversations():
                 raise ConversationBusyError(f"conversation {conversation_id!r} has a request in progress")
-            conv = self.conversations.delete(conversation_id)
-            assert conv is not None
-            self.tiers.forget(conv)
+            conv = self._conversation(conversation_id)
+            if self.remote is not None:
+                self.remote.forget(conv)
+            chain = list(conv.chain)
+            self.conversations.delete(conversation_id)
+            self.tiers.purge(chain)
 
     @property
     def cache_degraded(self) -> bool:
@@ -367,10 +418,16 @@ class Engine:
         with self.scheduler.state_lock:
             if conversation_id in self.conversations:
                 return
-        meta = self.tiers.lookup(conversation_id)  # network round trip: not under the lock
-        if meta is not None:
+        meta = self.tiers.redis.lookup(conversation_id)  # network round trip: not under the lock
+        if meta is not None and self.remote is not None:
             with self.scheduler.state_lock:
-                self.tiers.adopt(meta)
+                if conversation_id not in self.conversations:
+                    self.remote.adopt(self.conversations.get_or_create(conversation_id), meta)
+                    log.info(
+                        "resumed a conversation from Redis: %d tokens, %d cached",
+                        len(meta.token_ids),
+                        meta.cached_tokens,
+                    )
 
     def _conversation(self, conversation_id: str) -> Conversation:
         conv = self.conversations.get(conversation_id)
@@ -403,6 +460,16 @@ class Engine:
             activation_start=seq.activation_start if seq.activation_start != NO_ACTIVATION else None,
             logits=torch.stack(seq.logits) if seq.logits else None,
         )
+
+
+def _tenant(conversation_id: str | None, tenant: str | None) -> str:
+    """A request's tenant: a conversation key's namespace ('<tenant>:<id>'), or the one given."""
+    if conversation_id is None:
+        return tenant or ""
+    owner = tenant_of(conversation_id)
+    if tenant is not None and tenant != owner:
+        raise InvalidRequestError("tenant does not match the conversation key's namespace")
+    return owner
 
 
 def _pool_bytes(config: EngineConfig, device: torch.device) -> int:

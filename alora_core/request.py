@@ -2,11 +2,14 @@
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
+from alora_core.kvcache.prefix_cache import Probe
+from alora_core.kvcache.redis_tier import FetchJob
 from alora_core.lora.registry import ResidentAdapter
 from alora_core.sampling import SamplingParams
 from alora_core.sequence import Sequence
@@ -17,19 +20,25 @@ TokenCallback = Callable[[int], None]  # called with each sampled token id, from
 @dataclass(eq=False)
 class Request:
     kind: Literal["generate", "intrinsic"]
-    conversation_id: str | None  # generate: always set (the engine names new conversations)
+    conversation_id: str | None  # generate: the conversation it commits to (None: no handle)
     input_ids: list[int] | None  # intrinsic: None = the conversation's tokens + the invocation
     params: SamplingParams
     adapter: ResidentAdapter | None = None
+    tenant: str = ""  # KV is shared only within a tenant (and a cache salt)
+    cache_salt: str | None = None
     on_token: TokenCallback | None = None
     future: "Future[object]" = field(default_factory=Future)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
     # filled in by the scheduler
     seq: Sequence | None = None
-    cached_tokens: int = 0  # prompt tokens reused from the conversation at first admission
-    restore_point: int = 0  # generate: conversation KV still valid for its old history (undo point)
-    cache_split: tuple[int, int] | None = None  # conversation's (device end, host end) when first seen
+    cached_tokens: int = 0  # prompt tokens whose KV came from the cache, at first admission
+    fetch: FetchJob | None = None  # Redis values on their way into its blocks
+    probe: Probe | None = None  # Redis asked which values continue its cached prefix
+    probed_blocks: int | None = None  # ... and the answer (block end reachable from Redis)
+    handle_tokens: int = 0  # what its conversation handle offered (attached back after restore)
+    hits: Counter[str] = field(default_factory=Counter)  # tier -> prompt tokens restored from it
+    wanted: int = 0  # tokens some tier held when it was admitted (the rest of it was recomputed)
     admitted_at: float | None = None
     first_token_at: float | None = None
     emitted: int = 0  # tokens already passed to on_token

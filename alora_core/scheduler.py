@@ -5,17 +5,20 @@
         drop cancelled requests                       (blocks freed, conversation restored)
         admit waiting in FIFO order                   (KV blocks, max_num_seqs, per-conversation order)
         schedule: decodes first (1 token each), then prefill chunks, within max_num_batched_tokens
-        out of KV -> demote idle conversation caches (kvcache.tiers), then preempt the newest request
-        one forward (step.run_step), emit tokens, finish: commit a /generate, drop an intrinsic's fork
-        idle conversations over the device budget -> demoted to host (-> Redis)
+        out of KV -> demote idle conversation handles' blocks (kvcache.tiers), then preempt the newest
+        one forward (step.run_step), emit tokens; new full blocks join the KV index
+        finish: a /generate on a conversation moves its handle; every other request releases its
+            blocks, which stay cached (evictable, LRU)
+        idle blocks over the device budget -> demoted to host (-> Redis)
 
-A request on a conversation whose KV lies in a lower tier restores it on admission (host: copied at
-once; Redis: fetched by an I/O thread while other requests keep running) or recomputes it, whichever
-the cost model says is cheaper.
+Every request reuses the longest cached prefix of its tokens, with or without a conversation
+(kvcache.prefix_cache): blocks on the device are shared (reference counted), host ones copied back
+at once, Redis ones fetched by an I/O thread while other requests keep running, or recomputed,
+whichever the cost model says is cheaper.
 
 Per conversation: at most one /generate runs, later requests on that conversation wait behind it,
-and a /generate waits for earlier requests on its conversation; intrinsics run side by side on
-forks that share the conversation's blocks.
+and a /generate waits for earlier requests on its conversation; intrinsics run side by side,
+sharing the conversation's blocks.
 """
 
 import functools
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from alora_core.context import activation_start, common_prefix, validate
+from alora_core.context import activation_start, validate
 from alora_core.errors import (
     AloraError,
     CapacityError,
@@ -43,6 +46,8 @@ from alora_core.errors import (
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.conversations import Conversation, ConversationStore
+from alora_core.kvcache.index import AdapterKey, BlockChain
+from alora_core.kvcache.prefix_cache import PrefixCache
 from alora_core.kvcache.tiers import TieredCache
 from alora_core.model.batch import ForwardContext
 from alora_core.request import Request
@@ -81,12 +86,15 @@ class Scheduler:
         conversations: ConversationStore,
         config: SchedulerConfig,
         tiers: TieredCache,
+        prefix: PrefixCache,
     ) -> None:
         self.handle = handle
         self.pool = pool
         self.conversations = conversations
         self.config = config
         self.tiers = tiers
+        self.prefix = prefix
+        self._released = False  # blocks went back to the pool outside a finish: check the budget
         self.state_lock = threading.Lock()  # conversations + pool: held for a whole step
         self._inbox: deque[Request] = deque()
         self._inbox_cv = threading.Condition()
@@ -163,6 +171,9 @@ class Scheduler:
             self._drop_cancelled()
             self._admit()
             work = self._schedule()
+            if self._released:
+                self._released = False
+                self.tiers.enforce_budget(self.busy_conversations())
             if not work:
                 return False
             for observe in self.step_observers:
@@ -185,12 +196,13 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for r in [r for r in self._waiting if r.cancel_event.is_set()]:
             self._waiting.remove(r)
+            self._release(r)
             r.fail(RequestCancelledError("request cancelled"))
         for r in [r for r in self.running if r.cancel_event.is_set()]:
             self._abort(r, RequestCancelledError("request cancelled"))
 
     def _admit(self) -> None:
-        self.tiers.poll()
+        self.tiers.poll()  # Redis writes done, abandoned fetches freed
         blocked: set[str] = {
             r.conversation_id for r in self.running if r.kind == "generate" and r.conversation_id
         }
@@ -225,56 +237,53 @@ class Scheduler:
         self._waiting = keep
 
     def _start(self, r: Request) -> Admission:
-        """Resolve the context, restore and reuse the conversation's cache, take KV blocks."""
+        """Resolve the context, restore its longest cached prefix from any tier, take KV blocks."""
         conv = self._conversation_of(r)
-        if r.kind == "generate":
-            assert r.conversation_id is not None
-            conv = self.conversations.get_or_create(r.conversation_id)
-        elif r.conversation_id is not None and conv is None:
+        if r.kind == "intrinsic" and r.conversation_id is not None and conv is None:
             raise UnknownConversationError(f"unknown conversation {r.conversation_id!r}")
         if r.seq is None:
             r.seq = self._new_sequence(r, conv)
-            if conv is not None:
-                r.cache_split = (conv.kv.num_tokens, conv.local_tokens)
-        seq = r.seq
-
-        if conv is not None:
-            self.tiers.collect(conv)  # a Redis fetch that finished: its blocks are on the device now
-            if conv.fetch is not None:  # still in flight: it holds the blocks it fills
+        seq, prefix = r.seq, self.prefix
+        if r.fetch is not None:  # its prefix is on its way from Redis
+            if not prefix.collect(seq, r.fetch, r.hits):
                 return "fetching"
-        want = 0  # the prefix of the conversation's history this request can reuse, from any tier
-        if conv is not None and r.kind == "generate":
-            want = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.num_tokens - 1)
-        elif conv is not None and r.adapter is not None and r.adapter.spec.kind == "alora":
-            want = min(common_prefix(conv.token_ids[: conv.cached_tokens], seq.tokens), seq.activation_start)
-
+            r.fetch = None
+            return self._admitted(r, conv)
+        if r.probe is not None:  # Redis was asked how far cached values go
+            if not r.probe.job.done.is_set():
+                return "fetching"
+            r.probed_blocks, r.probe = prefix.probed_blocks(r.probe), None
+        found = prefix.lookup(seq, conv, r.probed_blocks)
+        if conv is None and r.probed_blocks is None:
+            r.probe, r.probed_blocks = prefix.probe(seq, found), 0
+            if r.probe is not None:
+                prefix.unpin(found)
+                return "fetching"
         bs = self.pool.block_size
-        device = min(want, conv.kv.num_tokens) if conv is not None else 0
-        need = -(-seq.num_tokens // bs) - device // bs + 1  # restored blocks come out of this too
+        need = (
+            -(-seq.num_tokens // bs) - found.device_tokens // bs + 1
+        )  # restored blocks come out of this too
         if self.pool.num_free < need:
             self.tiers.make_room(need, protect=self._protected(r))
             if self.pool.num_free < need:
+                prefix.unpin(found)
                 return "no_kv"
-        if conv is not None and want > conv.kv.num_tokens:  # part of it lies in a lower tier
-            status = self.tiers.restore(conv, self.tiers.plan(conv, want))
-            if status == "fetching":
-                return "fetching"
-        reuse = min(want, conv.kv.num_tokens) if conv is not None else 0
+        if r.admitted_at is None:
+            r.wanted, r.handle_tokens = found.want, found.handle_tokens
+        r.fetch = prefix.restore(seq, found, self.tiers.plan(found, found.want), r.hits)
+        return "fetching" if r.fetch is not None else self._admitted(r, conv)
 
-        if r.kind == "generate":
-            assert conv is not None
-            conv.kv.truncate(reuse)
-            conv.host.free()  # the new turn writes past reuse: lower-tier blocks there are stale
-            self.tiers.drop_fetch(conv)
-            seq.table = conv.kv
-            r.restore_point = reuse
-        else:
-            seq.table = conv.kv.fork(reuse) if conv is not None and reuse > 0 else BlockTable(self.pool)
+    def _admitted(self, r: Request, conv: Conversation | None) -> Admission:
+        seq = r.seq
+        assert seq is not None
+        if conv is not None and r.handle_tokens:
+            self.prefix.attach(conv, seq, r.handle_tokens)
         if r.admitted_at is None:
             r.admitted_at = time.perf_counter()
-            r.cached_tokens = reuse
-            if r.cache_split is not None and (r.kind == "generate" or seq.activation_start != NO_ACTIVATION):
-                self.tiers.count_lookup(len(seq.prompt), reuse, want, *r.cache_split)
+            r.cached_tokens = seq.table.num_tokens
+            kind = r.adapter.spec.kind if r.adapter is not None else "base"
+            self.prefix.count(kind, len(seq.prompt), r.hits, r.wanted - r.cached_tokens)
+        r.hits.clear()
         return "admitted"
 
     def _new_sequence(self, r: Request, conv: Conversation | None) -> Sequence:
@@ -287,12 +296,16 @@ class Scheduler:
                 raise InvalidRequestError(f"conversation {r.conversation_id!r} is empty: nothing to run on")
             context = conv.token_ids + list(r.adapter.spec.invocation_tokens or ())
         validate(context, r.params, h.vocab_size, h.max_model_len, self.pool)
-        start = NO_ACTIVATION
+        start, key = NO_ACTIVATION, None
         if r.adapter is not None:
-            start = activation_start(r.adapter, context) if r.adapter.spec.kind == "alora" else 0
+            spec = r.adapter.spec
+            start = activation_start(r.adapter, context) if spec.kind == "alora" else 0
+            key = AdapterKey.of(spec.name, spec.digest, start)
+        root = self.prefix.index.root(r.tenant, r.cache_salt)
         return Sequence(
             prompt=context,
             table=BlockTable(self.pool),
+            chain=BlockChain(root, self.pool.block_size, key),
             params=r.params,
             max_model_len=h.max_model_len,
             eos_token_ids=h.eos_token_ids,
@@ -365,19 +378,21 @@ class Scheduler:
         log.info("preempted a %s request (KV full); it will be recomputed", r.kind)
 
     def _release(self, r: Request) -> None:
-        if r.seq is None:
-            return
-        if r.kind == "generate":
-            conv = self._conversation_of(r)
-            if conv is not None and conv.kv is r.seq.table:
-                conv.kv.truncate(min(conv.kv.num_tokens, r.restore_point))  # valid for the old history again
-        else:
+        """Give back the request's blocks (cached ones stay in the index) and any fetch in flight."""
+        if r.fetch is not None:
+            self.tiers.abandon(r.fetch)
+            r.fetch = None
+        r.probe = None
+        if r.seq is not None:
             r.seq.table.free()
-        r.seq.table = BlockTable(self.pool)
+            self._released = True
 
     def _after_step(self) -> None:
         now = time.perf_counter()
         finished = False
+        for r in self.running:  # blocks filled by this step join the index
+            assert r.seq is not None
+            self.prefix.register(r.seq)
         for r in list(self.running):
             seq = r.seq
             assert seq is not None
@@ -395,21 +410,15 @@ class Scheduler:
     def _finish(self, r: Request) -> None:
         seq = r.seq
         assert seq is not None
-        if r.kind == "generate":
-            conv = self._conversation_of(r)
-            if conv is not None:
-                old_token_ids, conv.token_ids = conv.token_ids, seq.tokens
-                self.tiers.on_commit(conv, old_token_ids)
+        if r.kind == "generate" and r.conversation_id is not None:
+            self.prefix.commit(r.conversation_id, seq)
         else:
-            seq.table.free()
+            self.prefix.finish(seq)
         self.running.remove(r)
         self._outbox.append(functools.partial(_resolve, r))
 
     def _abort(self, r: Request, error: BaseException) -> None:
         self._release(r)
-        conv = self._conversation_of(r)
-        if r.kind == "generate" and conv is not None and not conv.token_ids:  # its first turn never finished
-            self.conversations.delete(conv.key)
         if r in self.running:
             self.running.remove(r)
         if r in self._waiting:

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alora_core.kvcache.block_table import BlockTable
+from alora_core.kvcache.index import BlockChain
 from alora_core.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length"]
@@ -22,6 +23,7 @@ NO_ACTIVATION = 1 << 62  # activation_start of a base request: no position gets 
 class Sequence:
     prompt: list[int]
     table: BlockTable
+    chain: BlockChain  # the KV index's view of its blocks (hashes, entries)
     params: SamplingParams
     max_model_len: int
     eos_token_ids: tuple[int, ...]

@@ -14,7 +14,18 @@ need, which is left for the run before it to grow into:
 
 Attention reads one run with one fused kernel call; every extra run of a sequence costs another
 call and a softmax merge per layer (bench_batching: 16 decoding 2K conversations, 72 -> 62 ms/step).
+
+A block nobody references may still hold the KV of an index entry (kvcache/index.py): it is
+"evictable", counted as free, and kept in LRU order. Allocation takes empty blocks first; when they
+run out, `evict` is called with the least recently released evictable blocks, and must `uncache`
+each of them (tiers.py demotes their KV to the host tier or drops it):
+
+    ref > 0: in use      ref == 0, cached: evictable (LRU)      ref == 0, not cached: empty
 """
+
+from collections import OrderedDict
+from collections.abc import Callable
+from itertools import islice
 
 import torch
 
@@ -46,8 +57,11 @@ class BlockPool:
             device=device,
         )
         self._ref_counts = [0] * num_blocks
-        self._free = bytearray(b"\x01") * num_blocks  # 1 = free; viewed as a tensor to find gaps
-        self._num_free = num_blocks
+        self._free = bytearray(b"\x01") * num_blocks  # 1 = empty; viewed as a tensor to find gaps
+        self._num_free = num_blocks  # empty blocks
+        self._cached = bytearray(num_blocks)  # 1 = holds an index entry's KV
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 and cached, LRU first
+        self.evict: Callable[[list[int]], None] | None = None  # set by the tiers
 
     @staticmethod
     def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
@@ -56,17 +70,48 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return self._num_free
+        """Blocks an allocation can take: empty ones and evictable ones."""
+        return self._num_free + len(self._evictable)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
+
+    def evictable(self) -> list[int]:
+        """Evictable blocks, least recently released first."""
+        return list(self._evictable)
 
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
 
+    def is_cached(self, block: int) -> bool:
+        return bool(self._cached[block])
+
+    def mark_cached(self, block: int) -> None:
+        """The block now holds an index entry's KV (it must be in use)."""
+        assert self._ref_counts[block] > 0, f"caching free block {block}"
+        self._cached[block] = 1
+
+    def uncache(self, block: int) -> None:
+        """The block no longer holds an entry's KV: an evictable one becomes empty."""
+        self._cached[block] = 0
+        if block in self._evictable:
+            del self._evictable[block]
+            self._free[block] = 1
+            self._num_free += 1
+
     def allocate(self, n: int, after: int | None = None) -> list[int]:
-        """Take n free blocks (ref count 1), continuing the run after block `after` where possible."""
-        if n > self._num_free:
+        """Take n free blocks (ref count 1), continuing the run after block `after` where possible;
+        evictable blocks are evicted (LRU) when empty ones run out."""
+        if n > self.num_free:
             raise CapacityError(
-                f"KV pool exhausted: need {n} blocks, {self._num_free} of {self.num_blocks} free"
+                f"KV pool exhausted: need {n} blocks, {self.num_free} of {self.num_blocks} free"
             )
+        if n > self._num_free:
+            victims = list(islice(self._evictable, n - self._num_free))
+            assert self.evict is not None, "evictable blocks without an evictor"
+            self.evict(victims)
+            assert n <= self._num_free, "the evictor must uncache the blocks it is given"
         blocks: list[int] = []
         nxt = None if after is None else after + 1
         while len(blocks) < n:
@@ -93,17 +138,25 @@ class BlockPool:
         return start if start == 0 else start + max(0, end - start - n) // 2
 
     def retain(self, blocks: list[int]) -> None:
+        """One more reference each (an evictable block is in use again)."""
         for b in blocks:
-            assert self._ref_counts[b] > 0, f"retain of free block {b}"
+            if self._ref_counts[b] == 0:
+                assert b in self._evictable, f"retain of free block {b}"
+                del self._evictable[b]
             self._ref_counts[b] += 1
 
     def release(self, blocks: list[int]) -> None:
+        """One reference less each. Pass a sequence's blocks last first: a cached chain's tail is
+        then evicted before its head."""
         for b in blocks:
             assert self._ref_counts[b] > 0, f"double free of block {b}"
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
-                self._free[b] = 1
-                self._num_free += 1
+                if self._cached[b]:
+                    self._evictable[b] = None
+                else:
+                    self._free[b] = 1
+                    self._num_free += 1
 
     def copy_block(self, src: int, dst: int, num_tokens: int) -> None:
         """Copy the first num_tokens slots of block src into block dst (all layers, K and V)."""

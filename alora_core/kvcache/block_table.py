@@ -4,7 +4,8 @@
     blocks:    [    b7         |      b8         |      b3            ]
 
 Fork shares the full blocks (reference counted) and copies the partly filled last one, so neither
-side ever writes into a block the other reads. Truncating into a shared block copies it first.
+side ever writes into a block the other reads. Truncating into a shared block, or into one whose KV
+the index holds (kvcache/index.py), copies it first: cached KV is never written over.
 """
 
 import torch
@@ -74,17 +75,18 @@ class BlockTable:
         assert num_tokens <= self.num_tokens, (num_tokens, self.num_tokens)
         bs = self.pool.block_size
         keep = -(-num_tokens // bs)
-        self.pool.release(self.blocks[keep:])
+        self.pool.release(self.blocks[keep:][::-1])
         del self.blocks[keep:]
         self.num_tokens = num_tokens
         partial = num_tokens % bs
-        if partial and self.pool.ref_count(self.blocks[-1]) > 1:
+        last = self.blocks[-1] if partial else -1
+        if partial and (self.pool.ref_count(last) > 1 or self.pool.is_cached(last)):
             (copy,) = self.pool.allocate(1, after=self.blocks[-2] if len(self.blocks) > 1 else None)
             self.pool.copy_block(self.blocks[-1], copy, partial)
             self.pool.release([self.blocks[-1]])
             self.blocks[-1] = copy
 
     def free(self) -> None:
-        self.pool.release(self.blocks)
+        self.pool.release(self.blocks[::-1])  # the tail of a cached chain is evicted first
         self.blocks = []
         self.num_tokens = 0

@@ -1,16 +1,18 @@
 """Bytes for the Redis tier: a KV value is a fixed binary header followed by raw tensor bytes; a
-conversation's metadata is a small JSON document. Nothing is ever unpickled.
+conversation handle's metadata is a small JSON document. Nothing is ever unpickled.
 
     value = header (128 B) | payload: [blocks, layers, 2 (K|V), kv_heads, block_size, head_dim] raw dtype bytes
 
     header: magic "AKV1", format version, header size, model fingerprint, tenant digest, dtype,
             layout (layers, kv_heads, head_dim), block size, first block, blocks, tokens covered,
-            prefix hash (sha256 chain over the token ids up to the chunk's end), payload length,
-            payload checksum (xxh3-64)
+            prefix hash (sha256 over a seed and the token ids up to the value's end), payload
+            length, payload checksum (xxh3-64)
 
-The prefix hash covers every token id from position 0 to the chunk's last position, because a
-block's K/V depends on the whole prefix, not just its own tokens: a value restored for other token
-ids (a stale entry, another conversation's) never matches. Any mismatch raises `CorruptEntry`.
+The prefix hash covers every token id from position 0 to the value's last position, because a
+block's K/V depends on the whole prefix, not just its own tokens, and its seed names the tenant,
+the cache salt and, for a plain LoRA's chain, the adapter (index.Root, index.BlockChain): a value
+restored for other token ids (a stale entry, a colliding key, another conversation's) never
+matches. Any mismatch raises `CorruptEntry`.
 """
 
 import hashlib
@@ -24,9 +26,9 @@ import numpy as np
 import torch
 import xxhash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: values keyed by chain hash (index.py), seeded prefix hashes
 MAGIC = b"AKV1"
-META_FORMAT = "alora-kv-meta/1"
+META_FORMAT = "alora-kv-meta/2"
 
 # magic, version, header size, fingerprint, tenant digest, dtype, pad, block size, layers, kv heads,
 # head dim, first block, blocks, tokens, prefix hash, payload length, checksum
@@ -79,10 +81,12 @@ def digest(text: str, size: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:size]
 
 
-def prefix_hashes(token_ids: list[int], chunk_ends: list[int]) -> list[bytes]:
-    """sha256 chain: hash i covers token_ids[:chunk_ends[i]] (ends ascending)."""
+def prefix_hashes(
+    token_ids: list[int], chunk_ends: list[int], seed: bytes = b"alora-kv-prefix"
+) -> list[bytes]:
+    """sha256 chain: hash i covers seed + token_ids[:chunk_ends[i]] (ends ascending)."""
     out: list[bytes] = []
-    h = hashlib.sha256(b"alora-kv-prefix")
+    h = hashlib.sha256(seed)
     start = 0
     for end in chunk_ends:
         h.update(array(_TOKEN_ARRAY, token_ids[start:end]).tobytes())
@@ -192,8 +196,9 @@ class RemoteMeta:
 
     conversation: str
     token_ids: list[int]
-    cached_tokens: int  # Redis holds the KV of token_ids[:cached_tokens], in num_chunks values
+    cached_tokens: int  # Redis holds the KV of token_ids[:cached_tokens], in num_chunks value groups
     num_chunks: int
+    salt: str = ""  # the cache salt its blocks were keyed with
 
 
 def encode_meta(layout: KVLayout, blocks_per_value: int, meta: RemoteMeta) -> bytes:
@@ -206,6 +211,7 @@ def encode_meta(layout: KVLayout, blocks_per_value: int, meta: RemoteMeta) -> by
         "blocks_per_value": blocks_per_value,
         "cached_tokens": meta.cached_tokens,
         "num_chunks": meta.num_chunks,
+        "salt": meta.salt,
         "token_ids": meta.token_ids,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -225,8 +231,10 @@ def decode_meta(raw: bytes, layout: KVLayout, blocks_per_value: int, conversatio
     if doc.get("block_size") != layout.block_size or doc.get("blocks_per_value") != blocks_per_value:
         raise CorruptEntry("wrong_layout", "other block size or value size")
     token_ids, cached, chunks = doc.get("token_ids"), doc.get("cached_tokens"), doc.get("num_chunks")
+    salt = doc.get("salt")
     if (
-        not isinstance(token_ids, list)
+        not isinstance(salt, str)
+        or not isinstance(token_ids, list)
         or not all(type(t) is int and 0 <= t < 1 << 32 for t in token_ids)
         or type(cached) is not int
         or type(chunks) is not int
@@ -234,4 +242,4 @@ def decode_meta(raw: bytes, layout: KVLayout, blocks_per_value: int, conversatio
         or chunks != -(-cached // (blocks_per_value * layout.block_size))
     ):
         raise CorruptEntry("corrupt", "metadata fields are inconsistent")
-    return RemoteMeta(conversation, token_ids, cached, chunks)
+    return RemoteMeta(conversation, token_ids, cached, chunks, salt)

@@ -1,14 +1,19 @@
-"""The Redis tier: the shared cold copy of conversation caches, written behind and read ahead.
+"""The Redis tier: the shared cold copy of the KV index, written behind and read ahead.
 
-    alora:kv1:<model fingerprint>:<tenant digest>:{<conversation digest>}:meta   JSON: token ids, extent
-    alora:kv1:<model fingerprint>:<tenant digest>:{<conversation digest>}:kv:<i> chunk i: blocks
-                                                       [i*K, (i+1)*K) of the conversation (codec.py)
+    alora:kv2:<model fingerprint>:<tenant digest>:{<chain hash>}                   a value: blocks
+        [g*K, e) of a chain (K blocks per group, e <= (g+1)*K), keyed by the hash of its last block
+    alora:kv2:<model fingerprint>:<tenant digest>:{<conversation digest>}:meta     a conversation's
+        handle (JSON: token ids, salt, extent)
+    alora:kv2:<model fingerprint>:<tenant digest>:{<conversation digest>}:tail     its partly filled
+        last block
 
-K = blocks per value (a few MB). The `{...}` hash tag keeps a conversation in one Redis Cluster slot.
-A write replaces a conversation's chunks and metadata in one MULTI/EXEC; reads are GETEX (TTL
-refreshed on access), pipelined FETCH_WINDOW deep. Two daemon threads do all the I/O: the scheduler
-thread never waits on Redis. Any Redis error marks the tier degraded (callers recompute) and opens a
-circuit breaker that retries with backoff, so a Redis that comes back is used again without a restart.
+Every value key has its own hash tag (the chain hash), so values spread over Redis Cluster slots; a
+conversation's meta and tail share one and are written in one MULTI/EXEC. Values are aligned on
+groups of K blocks from position 0, so any replica names the values of any prefix from its token
+ids alone (index.py) and a lookup probes values, not blocks. Two daemon threads do all the I/O
+(redis_client.py): the scheduler thread never waits on Redis. Any Redis error marks the tier
+degraded (callers recompute) and opens a circuit breaker that retries with backoff, so a Redis that
+comes back is used again without a restart.
 """
 
 import logging
@@ -19,10 +24,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import redis
 import torch
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.codec import (
@@ -34,63 +36,58 @@ from alora_core.kvcache.codec import (
     decode_meta,
     decode_value,
     digest,
-    encode_meta,
     encode_value,
-    prefix_hashes,
     tenant_of,
 )
 from alora_core.kvcache.cost_model import CostModel
 from alora_core.kvcache.host_tier import copy_blocks
+from alora_core.kvcache.index import BlockChain, make_root
+from alora_core.kvcache.redis_client import REDIS_ERRORS, KVClient, RedisClient
 from alora_core.kvcache.stats import CacheCounters
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.RedisError, OSError)
-# Chunk reads in flight on one connection. Redis copies each reply into its output buffer before
-# sending: with the whole conversation requested at once that buffer grows to the conversation's
-# size (fresh pages, faulted in, every restore); a few values in flight keep it small and reused.
-FETCH_WINDOW = 2
+
+@dataclass(frozen=True)
+class ValueWrite:
+    key: str
+    header: ChunkHeader
+    row: int  # its blocks are WriteJob.blocks[row : row + header.num_blocks]
 
 
 @dataclass
 class WriteJob:
-    """Persist the KV of token_ids[:cached_tokens]; chunks before first_chunk are already there."""
+    """Values to write behind (each its own key), then a conversation's handle (meta + tail value, one
+    MULTI), then keys to refresh and superseded values to delete. `settle(ok)` runs on the scheduler
+    thread once it is done (TieredCache.poll)."""
 
-    key: str
-    version: int
-    token_ids: list[int]
-    cached_tokens: int
-    first_chunk: int
-    blocks: torch.Tensor  # [n, *block_shape] on CPU: the conversation's blocks from first_chunk * K
-    old_chunks: int  # chunks Redis may hold from an earlier write: those past the new end are deleted
+    tenant: str
+    blocks: torch.Tensor  # [n, *block_shape] on CPU: every block a value or the tail holds
+    values: list[ValueWrite]
+    settle: Callable[[bool], None]
+    conversation: str | None = None  # the handle written, if any (orders lookups after the write)
+    meta: bytes | None = None
+    tail: ValueWrite | None = None
+    touch: list[str] = field(default_factory=list)  # earlier values of the handle: TTL refreshed
+    delete: list[str] = field(default_factory=list)
     ready: "torch.cuda.Event | None" = None  # device -> host copy of `blocks` in flight
+    ok: bool = False
 
     @property
     def nbytes(self) -> int:
         return self.blocks.numel() * self.blocks.element_size()
 
 
-@dataclass(frozen=True)
-class WriteDone:
-    key: str
-    version: int
-    cached_tokens: int
-    num_chunks: int
-    ok: bool
-
-
 @dataclass
 class FetchJob:
-    """Restore token_ids[first_block * bs : end_token] of a conversation (Redis holds its
-    token_ids[:cached_tokens]) straight into `blocks`, pool blocks the job owns until it is collected.
+    """Restore chain positions [first_block * bs, end_token) from `values` (in order, each what its
+    header says) straight into `blocks`, pool blocks the job owns until it is collected.
 
     The I/O thread reads the values one by one and copies each valid one into its blocks while the
     next arrives; it stops filling at the first missing or refused value."""
 
-    key: str
-    version: int  # the conversation's version when the job was made
-    token_ids: list[int]
-    cached_tokens: int
+    values: list[tuple[str, ChunkHeader]]
+    tenant: str
     pool: BlockPool
     first_block: int
     end_token: int
@@ -100,11 +97,6 @@ class FetchJob:
     filled_tokens: int = 0  # restored positions end here
     copied: "torch.cuda.Event | None" = None  # CUDA: the last copy into `blocks`
     seconds: float = 0.0
-
-    def chunk_range(self, chunk_tokens: int) -> range:
-        return range(
-            self.first_block * self.pool.block_size // chunk_tokens, -(-self.end_token // chunk_tokens)
-        )
 
     def accept(self, header: ChunkHeader, payload: torch.Tensor) -> bool:
         """Copy the blocks of a valid value that continue what is filled. False: a gap."""
@@ -123,9 +115,20 @@ class FetchJob:
         )
         self.filled_blocks = hi - self.first_block
         self.filled_tokens = min(
-            hi * self.pool.block_size, header.first_block * self.pool.block_size + header.num_tokens
+            hi * self.pool.block_size,
+            header.first_block * self.pool.block_size + header.num_tokens,
+            self.end_token,
         )
         return True
+
+
+@dataclass
+class ProbeJob:
+    """Which of `keys` exist (one round trip); `exists` stays None if Redis could not answer."""
+
+    keys: list[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    exists: list[bool] | None = None
 
 
 class _Breaker:
@@ -158,6 +161,9 @@ class _Breaker:
             self._backoff = min(self._backoff * 2, 5.0)
 
 
+Delete = tuple[str, list[str]]  # (conversation, keys): forget a handle and its values
+
+
 class RedisTier:
     def __init__(
         self,
@@ -170,6 +176,7 @@ class RedisTier:
         wake: Callable[[], None],
         max_pending_write_bytes: int = 256 << 20,
         timeout_s: float = 2.0,
+        client: KVClient | None = None,
     ) -> None:
         self.layout = layout
         self.ttl_s = ttl_s
@@ -179,52 +186,62 @@ class RedisTier:
         self.cost = cost
         self.max_pending_write_bytes = max_pending_write_bytes
         self._wake = wake
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            socket_read_size=1 << 20,
-        )
+        self._client: KVClient = client if client is not None else RedisClient(url, timeout_s)
         self._breaker = _Breaker(counters)
         self._cv = threading.Condition()
-        self._writes: deque[WriteJob | tuple[str, int]] = deque()  # a tuple is a delete (key, chunks)
-        self._fetches: deque[FetchJob] = deque()
-        self._done: deque[WriteDone] = deque()
+        self._writes: deque[WriteJob | Delete] = deque()
+        self._reads: deque[FetchJob | ProbeJob] = deque()
+        self._done: deque[WriteJob] = deque()
         self._busy_writes = 0
         self._pending_keys: Counter[str] = Counter()  # conversations with a write or delete queued
         self.pending_write_bytes = 0
         self._closed = False
         self._threads = [
             threading.Thread(target=self._write_loop, name="alora-redis-write", daemon=True),
-            threading.Thread(target=self._fetch_loop, name="alora-redis-fetch", daemon=True),
+            threading.Thread(target=self._read_loop, name="alora-redis-fetch", daemon=True),
         ]
         for t in self._threads:
             t.start()
 
     # -- keys -----------------------------------------------------------------------------------------
 
-    def _prefix(self, key: str) -> str:
-        return f"alora:kv{FORMAT_VERSION}:{self.layout.fingerprint}:{digest(tenant_of(key))}:{{{digest(key, 32)}}}"
+    def _tenant_prefix(self, tenant: str) -> str:
+        return f"alora:kv{FORMAT_VERSION}:{self.layout.fingerprint}:{digest(tenant)}"
+
+    def value_key(self, tenant: str, chain_hash: int) -> str:
+        return f"{self._tenant_prefix(tenant)}:{{{chain_hash:016x}}}"
+
+    def _handle_prefix(self, key: str) -> str:
+        return f"{self._tenant_prefix(tenant_of(key))}:{{{digest(key, 32)}}}"
 
     def meta_key(self, key: str) -> str:
-        return f"{self._prefix(key)}:meta"
+        return f"{self._handle_prefix(key)}:meta"
 
-    def chunk_key(self, key: str, index: int) -> str:
-        return f"{self._prefix(key)}:kv:{index}"
+    def tail_key(self, key: str) -> str:
+        return f"{self._handle_prefix(key)}:tail"
 
-    def chunk_headers(self, token_ids: list[int], cached_tokens: int) -> list[ChunkHeader]:
-        """What the values of a conversation holding token_ids[:cached_tokens] must say."""
-        bs, k = self.layout.block_size, self.blocks_per_value
-        ends = [
-            min((i + 1) * self.chunk_tokens, cached_tokens)
-            for i in range(-(-cached_tokens // self.chunk_tokens))
-        ]
-        hashes = prefix_hashes(token_ids, ends)
+    def value_groups(self, first_block: int, end_block: int, written_end: int) -> list[tuple[int, int]]:
+        """[start, end) blocks of each value covering blocks [first_block, end_block) of a chain whose
+        values were written up to block written_end: groups of K from 0, the last one shorter."""
+        k = self.blocks_per_value
         return [
-            ChunkHeader(i * k, -(-end // bs) - i * k, end - i * k * bs, h)
-            for i, (end, h) in enumerate(zip(ends, hashes, strict=True))
+            (g * k, min((g + 1) * k, written_end))
+            for g in range(first_block // k, -(-min(end_block, written_end) // k))
         ]
+
+    def chunk_key(self, conversation: str, index: int) -> str:
+        """The key of value `index` of a conversation Redis holds (its tail after the last group), for
+        tests and operators: reads its handle, names the value from its token ids."""
+        meta = self.lookup(conversation)
+        assert meta is not None, f"Redis holds no conversation {conversation!r}"
+        bs = self.layout.block_size
+        n = meta.cached_tokens // bs
+        groups = self.value_groups(0, n, n)
+        if index >= len(groups):
+            return self.tail_key(conversation)
+        chain = BlockChain(make_root(self.layout.fingerprint, tenant_of(conversation), meta.salt), bs)
+        chain.hash_blocks(meta.token_ids, n)
+        return self.value_key(chain.root.tenant, chain.hashes[groups[index][1] - 1])
 
     # -- called from any thread -----------------------------------------------------------------------
 
@@ -236,7 +253,7 @@ class RedisTier:
         return self._breaker.allow()
 
     def lookup(self, key: str, wait_s: float = 5.0) -> RemoteMeta | None:
-        """The conversation's metadata, if Redis has a valid one (any replica may have written it).
+        """The conversation's handle, if Redis has a valid one (any replica may have written it).
         A write of it still queued here is waited for: it may have just left the local store."""
         deadline = time.monotonic() + wait_s
         with self._cv:
@@ -246,13 +263,13 @@ class RedisTier:
             return None
         t0 = time.perf_counter()
         try:
-            raw = self._client.getex(self.meta_key(key), ex=self.ttl_s)
+            raw = self._client.getex(self.meta_key(key), self.ttl_s)
         except REDIS_ERRORS as exc:
             self._breaker.failed(exc)
             return None
         self._breaker.ok()
         self.cost.observe_redis_latency(time.perf_counter() - t0)
-        if not isinstance(raw, bytes):
+        if raw is None:
             return None
         try:
             return decode_meta(raw, self.layout, self.blocks_per_value, key)
@@ -270,23 +287,25 @@ class RedisTier:
                 self.counters.redis_writes_skipped += 1
                 return False
             self.pending_write_bytes += job.nbytes
-            self._pending_keys[job.key] += 1
+            if job.conversation is not None:
+                self._pending_keys[job.conversation] += 1
             self._writes.append(job)
             self._cv.notify_all()
         return True
 
-    def submit_delete(self, key: str, num_chunks: int) -> None:
+    def submit_delete(self, conversation: str, value_keys: list[str]) -> None:
+        """Forget a conversation's handle (meta, tail) and the given values."""
         with self._cv:
-            self._pending_keys[key] += 1
-            self._writes.append((key, num_chunks))
+            self._pending_keys[conversation] += 1
+            self._writes.append((conversation, value_keys))
             self._cv.notify_all()
 
-    def submit_fetch(self, job: FetchJob) -> None:
+    def submit_read(self, job: FetchJob | ProbeJob) -> None:
         with self._cv:
-            self._fetches.append(job)
+            self._reads.append(job)
             self._cv.notify_all()
 
-    def completed_writes(self) -> list[WriteDone]:
+    def completed_writes(self) -> list[WriteJob]:
         done = []
         while self._done:
             done.append(self._done.popleft())
@@ -312,7 +331,7 @@ class RedisTier:
             t.join(timeout=5)
         self._client.close()
 
-    # -- the I/O threads ------------------------------------------------------------------------------
+    # -- the write thread -----------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
         while True:
@@ -326,28 +345,27 @@ class RedisTier:
                 self._busy_writes += 1
             try:
                 if item is None:
-                    self._probe()
+                    self._ping()
                 elif isinstance(item, WriteJob):
                     self._write(item)
                 else:
                     self._delete(*item)
             except Exception:  # a bug: this write is lost, the thread lives on
                 log.exception("Redis write failed")
-                if isinstance(item, WriteJob):
-                    self._done.append(WriteDone(item.key, item.version, item.cached_tokens, 0, False))
             finally:
                 with self._cv:
                     self._busy_writes -= 1
                     if isinstance(item, WriteJob):
                         self.pending_write_bytes -= item.nbytes
-                    if item is not None:
-                        key = item.key if isinstance(item, WriteJob) else item[0]
-                        self._pending_keys[key] -= 1
-                        if not self._pending_keys[key]:
-                            del self._pending_keys[key]
+                        self._done.append(item)
+                    conversation = item.conversation if isinstance(item, WriteJob) else item and item[0]
+                    if conversation:
+                        self._pending_keys[conversation] -= 1
+                        if not self._pending_keys[conversation]:
+                            del self._pending_keys[conversation]
                     self._cv.notify_all()
 
-    def _probe(self) -> None:
+    def _ping(self) -> None:
         try:
             self._client.ping()
         except REDIS_ERRORS as exc:
@@ -356,105 +374,100 @@ class RedisTier:
             self._breaker.ok()
 
     def _write(self, job: WriteJob) -> None:
-        num_chunks = -(-job.cached_tokens // self.chunk_tokens)
-        ok = False
-        if self._breaker.allow():
-            t0 = time.perf_counter()
-            if job.ready is not None:
-                job.ready.synchronize()
-            tenant = tenant_of(job.key)
-            headers = self.chunk_headers(job.token_ids, job.cached_tokens)
-            base = job.first_chunk * self.blocks_per_value
-            pipe = self._client.pipeline(transaction=True)
-            nbytes = 0
-            for i in range(job.first_chunk, num_chunks):
-                h = headers[i]
-                payload = job.blocks[h.first_block - base : h.first_block - base + h.num_blocks]
-                value = encode_value(self.layout, tenant, h, payload)
-                nbytes += len(value)
-                pipe.set(self.chunk_key(job.key, i), value, ex=self.ttl_s)
-            for i in range(job.first_chunk):
-                pipe.expire(self.chunk_key(job.key, i), self.ttl_s)
-            for i in range(num_chunks, job.old_chunks):
-                pipe.delete(self.chunk_key(job.key, i))
-            meta = RemoteMeta(job.key, job.token_ids, job.cached_tokens, num_chunks)
-            pipe.set(
-                self.meta_key(job.key), encode_meta(self.layout, self.blocks_per_value, meta), ex=self.ttl_s
-            )
-            try:
-                pipe.execute()
-            except REDIS_ERRORS as exc:
-                self._breaker.failed(exc)
-            else:
-                self._breaker.ok()
-                ok = True
-                self.counters.transfer("to_redis", nbytes, time.perf_counter() - t0)
-        else:
+        if not self._breaker.allow():
             self.counters.redis_writes_skipped += 1
-        self._done.append(WriteDone(job.key, job.version, job.cached_tokens, num_chunks, ok))
+            return
+        t0 = time.perf_counter()
+        if job.ready is not None:
+            job.ready.synchronize()
 
-    def _delete(self, key: str, num_chunks: int) -> None:
+        def encode(v: ValueWrite) -> bytearray:
+            payload = job.blocks[v.row : v.row + v.header.num_blocks]
+            return encode_value(self.layout, job.tenant, v.header, payload)
+
+        values = [(v.key, encode(v)) for v in job.values]
+        handle = (
+            [(self.tail_key(job.conversation), encode(job.tail))] if job.tail and job.conversation else []
+        )
+        if job.meta is not None and job.conversation is not None:
+            handle.append((self.meta_key(job.conversation), job.meta))
+        try:
+            if values:
+                self._client.set_many(values, self.ttl_s)
+            if handle:  # after its values: a handle never names a value not yet written
+                self._client.set_atomic(handle, self.ttl_s)
+            if job.touch:
+                self._client.expire(job.touch, self.ttl_s)
+            if job.delete:
+                self._client.delete(job.delete)
+        except REDIS_ERRORS as exc:
+            self._breaker.failed(exc)
+            return
+        self._breaker.ok()
+        job.ok = True
+        nbytes = sum(len(v) for _, v in values + handle)
+        self.counters.transfer("to_redis", nbytes, time.perf_counter() - t0)
+
+    def _delete(self, conversation: str, value_keys: list[str]) -> None:
         if not self._breaker.allow():
             self.counters.redis_writes_skipped += 1
             return
         try:
-            self._client.delete(self.meta_key(key), *(self.chunk_key(key, i) for i in range(num_chunks)))
+            self._client.delete([self.meta_key(conversation), self.tail_key(conversation), *value_keys])
         except REDIS_ERRORS as exc:
             self._breaker.failed(exc)
         else:
             self._breaker.ok()
 
-    def _fetch_loop(self) -> None:
+    # -- the read thread ------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._fetches and not self._closed:
+                while not self._reads and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    for job in self._fetches:
+                    for job in self._reads:
                         job.done.set()
                     return
-                job = self._fetches.popleft()
+                job = self._reads.popleft()
             try:
-                self._fetch(job)
-            except Exception:  # a bug: this fetch restores nothing, the thread lives on
-                log.exception("Redis fetch failed")
+                if isinstance(job, FetchJob):
+                    self._fetch(job)
+                else:
+                    self._probe(job)
+            except Exception:  # a bug: this read restores nothing, the thread lives on
+                log.exception("Redis read failed")
             finally:
                 job.done.set()
                 self._wake()
+
+    def _probe(self, job: ProbeJob) -> None:
+        if not self._breaker.allow():
+            return
+        t0 = time.perf_counter()
+        try:
+            job.exists = self._client.exists_many(job.keys)
+        except REDIS_ERRORS as exc:
+            self._breaker.failed(exc)
+            return
+        self._breaker.ok()
+        self.cost.observe_redis_latency(time.perf_counter() - t0)
 
     def _fetch(self, job: FetchJob) -> None:
         if not self._breaker.allow():
             return
         t0 = time.perf_counter()
-        chunks = job.chunk_range(self.chunk_tokens)
-        headers = self.chunk_headers(job.token_ids, job.cached_tokens)
-        tenant = tenant_of(job.key)
-        commands: list[tuple[str | int, ...]] = [
-            ("GETEX", self.chunk_key(job.key, i), "EX", self.ttl_s) for i in chunks
-        ]
-        commands.append(("EXPIRE", self.meta_key(job.key), self.ttl_s))
         stream = torch.cuda.Stream(job.pool.kv.device) if job.pool.kv.is_cuda else None
-        pool = self._client.connection_pool
-        conn = None
-        try:  # FETCH_WINDOW requests in flight: a reply is checked and copied while the next arrives
-            conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands(commands[:FETCH_WINDOW]))
-            filling = True
-            for n, i in enumerate(chunks):
-                value = _read_response(conn)
-                if n + FETCH_WINDOW < len(commands):
-                    conn.send_packed_command(conn.pack_command(*commands[n + FETCH_WINDOW]))
+        filling = True
+        try:  # every reply is read, even after a refused one: the connection stays in step
+            replies = self._client.get_many([key for key, _ in job.values], self.ttl_s)
+            for (key, header), value in zip(job.values, replies, strict=True):
                 if filling:
-                    filling = self._accept(job, i, value, headers[i], tenant, stream)
-            _read_response(conn)
+                    filling = self._accept(job, key, value, header, stream)
         except REDIS_ERRORS as exc:
-            if conn is not None:
-                conn.disconnect()
             self._breaker.failed(exc)
             return
-        finally:
-            if conn is not None:
-                pool.release(conn)
         self._breaker.ok()
         if stream is not None:
             job.copied = torch.cuda.Event()
@@ -462,9 +475,7 @@ class RedisTier:
         job.seconds = time.perf_counter() - t0
         self.cost.observe_transfer("redis", job.filled_blocks * self.layout.bytes_per_block, job.seconds)
 
-    def _accept(
-        self, job: FetchJob, index: int, value: object, header: ChunkHeader, tenant: str, stream: object
-    ) -> bool:
+    def _accept(self, job: FetchJob, key: str, value: object, header: ChunkHeader, stream: object) -> bool:
         reason = None
         if value is None:
             reason = "missing"
@@ -472,10 +483,10 @@ class RedisTier:
             reason = "corrupt"
         else:
             try:
-                payload = decode_value(value, self.layout, tenant, header)
+                payload = decode_value(value, self.layout, job.tenant, header)
             except CorruptEntry as exc:
                 reason = exc.reason
-                log.warning("discarded Redis chunk %d of a conversation: %s", index, exc)
+                log.warning("discarded Redis value %s: %s", key, exc)
             else:
                 with torch.cuda.stream(stream) if isinstance(stream, torch.cuda.Stream) else nullcontext():
                     if job.accept(header, payload):
@@ -483,11 +494,3 @@ class RedisTier:
                 reason = "stale"
         self.counters.discarded_entries[reason] += 1
         return False
-
-
-def _read_response(conn: redis.Connection) -> object:
-    """One reply; an error reply (e.g. a key of another type) is returned, not raised: it is consumed."""
-    try:
-        return conn.read_response()
-    except redis.ResponseError as exc:
-        return exc

@@ -1,4 +1,4 @@
-"""Counters of the tiered conversation cache, for the metrics endpoint and the benchmarks.
+"""Counters of the KV index and its tiers, for the metrics endpoint and the benchmarks.
 
 `CacheCounters` is mutated by the scheduler thread and the Redis threads (plain int adds under the
 GIL); `CacheStats` is the frozen snapshot `Engine.cache_stats()` returns.
@@ -10,12 +10,18 @@ from typing import Literal
 
 Tier = Literal["device", "host", "redis"]
 Transfer = Literal["device->host", "host->device", "redis->device", "to_redis"]
+AdapterKind = Literal["base", "alora", "lora"]
+EvictionReason = Literal["pressure", "budget", "deleted"]  # blocks needed / over the device budget / DELETE
 
 
 @dataclass
 class CacheCounters:
-    query_tokens: int = 0  # prompt tokens of requests that looked up a conversation cache
+    query_tokens: int = 0  # prompt tokens of every admitted request (each looks up the index)
     hit_tokens: Counter[str] = field(default_factory=Counter)  # tier -> prompt tokens reused from it
+    kind_query_tokens: Counter[str] = field(default_factory=Counter)  # adapter kind -> prompt tokens
+    kind_hit_tokens: Counter[str] = field(default_factory=Counter)  # adapter kind -> tokens reused
+    evicted_blocks: Counter[str] = field(default_factory=Counter)  # "tier:reason" -> blocks moved out
+    probes: int = 0  # Redis probes for a prefix (requests without a conversation handle)
     recomputed_tokens: int = 0  # tokens a lower tier held but the cost model chose to recompute
     demoted_blocks: Counter[str] = field(default_factory=Counter)  # "device->host", "host->redis"
     dropped_blocks: Counter[str] = field(default_factory=Counter)  # tier -> blocks lost (no lower tier)
@@ -35,7 +41,7 @@ class CacheCounters:
 
 @dataclass(frozen=True)
 class CacheStats:
-    device_bytes: int  # KV bytes conversations hold on the device (idle and running)
+    device_bytes: int  # KV bytes in use on the device: requests and conversation handles (not evictable)
     device_budget_bytes: int  # what idle conversations may keep there
     host_bytes: int
     host_capacity_bytes: int
@@ -54,3 +60,8 @@ class CacheStats:
     redis_errors: int
     redis_writes_skipped: int
     discarded_entries: dict[str, int]
+    index_blocks: dict[str, int]  # tier -> index entries with KV there ("device", "host")
+    kind_query_tokens: dict[str, int]
+    kind_hit_tokens: dict[str, int]
+    evicted_blocks: dict[str, int]
+    probes: int

@@ -1,42 +1,52 @@
-"""Tiered conversation caches: device pool -> host tier -> Redis, demoted LRU block by block.
+"""Where the index's blocks live: device pool -> host tier -> Redis, moved block by block, LRU.
 
-    demote (idle conversations, least recently used first, last blocks first):
-        device --copy--> host                     when the pool is short or over its idle budget
-        host   --free--> Redis                    when the host tier is full (Redis already has it:
-                                                  every commit is written behind; else it is lost)
-    promote (a request on the conversation, in Scheduler._start):
-        host   --copy--> device                   at once, in the scheduler thread
-        Redis  --fetch-> (I/O thread) --copy--> device   the request waits, other requests run
+    device  in use (requests, conversation handles) or evictable (no reference, still cached)
+      | demote (copy) when the pool runs out of empty blocks (BlockPool.evict: evictable, LRU),
+      |   when idle blocks exceed the device budget (evictable first, then idle handles' last blocks),
+      v   when a request needs room (idle handles, least recently used first, last blocks first)
+    host    least recently demoted first; blocks no handle holds go first, then handles' blocks
+      | drop: Redis has them if they were written behind (remote.py), else they are lost
+      v
+    Redis
+    promote host -> device at admission (prefix_cache.py); Redis -> device by the fetch thread
     cost model: restore a tier's part only when cheaper than recomputing it (cost_model.py)
 
-A conversation's tiers stay ordered along positions (device prefix, then host, Redis beyond), so a
-restored prefix is always contiguous. Everything here runs under the scheduler's state lock.
+An index entry without a local copy leaves the index. Everything here runs under the scheduler's
+state lock.
 """
 
-import logging
 import time
-from typing import Literal
+from collections import Counter, OrderedDict
+from typing import Literal, Protocol
 
-import torch
-
-from alora_core.context import common_prefix
 from alora_core.kvcache.block_pool import BlockPool
-from alora_core.kvcache.codec import RemoteMeta
 from alora_core.kvcache.conversations import Conversation, ConversationStore
 from alora_core.kvcache.cost_model import CostModel, RestorePolicy
-from alora_core.kvcache.host_tier import HostTier, copy_blocks
-from alora_core.kvcache.redis_tier import FetchJob, RedisTier, WriteJob
-from alora_core.kvcache.stats import CacheCounters, CacheStats
-
-log = logging.getLogger(__name__)
+from alora_core.kvcache.host_tier import HostTier
+from alora_core.kvcache.index import IN_REDIS, CachedBlock, PrefixIndex
+from alora_core.kvcache.redis_tier import FetchJob, RedisTier
+from alora_core.kvcache.stats import CacheCounters, CacheStats, EvictionReason
 
 RestoreStatus = Literal["ready", "fetching"]
+HostOwner = CachedBlock | Conversation  # an entry's block, or a handle's partial last block
+
+
+class Extents(Protocol):
+    """A cached prefix: [0, device) on the device, [device, local) on the host, then Redis."""
+
+    @property
+    def device_tokens(self) -> int: ...
+    @property
+    def local_tokens(self) -> int: ...
+    @property
+    def remote_tokens(self) -> int: ...
 
 
 class TieredCache:
     def __init__(
         self,
         pool: BlockPool,
+        index: PrefixIndex,
         store: ConversationStore,
         host: HostTier,
         redis: RedisTier | None,
@@ -46,6 +56,7 @@ class TieredCache:
         device_budget_blocks: int | None = None,
     ) -> None:
         self.pool = pool
+        self.index = index
         self.store = store
         self.host = host
         self.redis = redis
@@ -54,103 +65,249 @@ class TieredCache:
         self.policy = policy
         self.device_budget_blocks = device_budget_blocks
         self.bytes_per_block = host.layout.bytes_per_block
-        self._cuda = pool.kv.is_cuda
+        self._entry_at: list[CachedBlock | None] = [None] * pool.num_blocks  # device block -> entry
+        self._host_lru: OrderedDict[int, HostOwner] = OrderedDict()  # unprotected host blocks
+        self._host_lru_protected: OrderedDict[int, HostOwner] = OrderedDict()  # of handles
+        self.num_device = 0  # entries with a device copy
+        self.num_host = 0  # ... with a host copy
         self._abandoned: list[FetchJob] = []  # fetches given up while the I/O thread still writes
-        store.on_drop = self.drop_fetch
+        pool.evict = self._evict_lru
+        store.on_drop = self.drop_handle
 
-    # -- demotion -------------------------------------------------------------------------------------
+    # -- residency ------------------------------------------------------------------------------------
+
+    def place(self, entry: CachedBlock, block: int) -> None:
+        """The KV of entry now lies in pool block `block` (in use)."""
+        assert entry.device < 0 and self._entry_at[block] is None
+        entry.device = block
+        self._entry_at[block] = entry
+        self.pool.mark_cached(block)
+        self.num_device += 1
+
+    def entry_at(self, block: int) -> CachedBlock | None:
+        return self._entry_at[block]
+
+    def _unplace(self, entry: CachedBlock) -> None:
+        block, entry.device = entry.device, -1
+        self._entry_at[block] = None
+        self.pool.uncache(block)
+        self.num_device -= 1
+        self._forget_if_gone(entry)
+
+    def _forget_if_gone(self, entry: CachedBlock) -> None:
+        if not entry.resident:
+            self.index.remove(entry)
+
+    def _count_lost(self, in_redis: bool, tier: str) -> None:
+        if in_redis and self.redis is not None:
+            self.counters.demoted_blocks[f"{tier}->redis"] += 1
+        else:
+            self.counters.dropped_blocks[tier] += 1
+
+    # -- device -> host -------------------------------------------------------------------------------
+
+    def _evict_lru(self, blocks: list[int]) -> None:
+        """BlockPool.evict: its least recently released cached blocks, to make empty ones."""
+        self.demote([e for b in blocks if (e := self._entry_at[b]) is not None], "pressure")
+
+    def demote(self, entries: list[CachedBlock], reason: EvictionReason) -> None:
+        """Take unreferenced entries off the device: copied to the host when it has room, else dropped."""
+        moved: list[tuple[CachedBlock, int]] = []
+        for e in entries:
+            if e.host < 0:
+                hb = self._host_take(protected=e.handles > 0)
+                if hb >= 0:
+                    moved.append((e, hb))
+                else:
+                    self._count_lost(bool(e.redis & IN_REDIS), "device")
+            self.counters.evicted_blocks[f"device:{reason}"] += 1
+        if moved:
+            t0 = time.perf_counter()
+            self.host.from_pool(self.pool, [e.device for e, _ in moved], [hb for _, hb in moved])
+            self.counters.transfer(
+                "device->host", len(moved) * self.bytes_per_block, time.perf_counter() - t0
+            )
+            self.counters.demoted_blocks["device->host"] += len(moved)
+            for e, hb in moved:
+                e.host = hb
+                self.num_host += 1
+                self._host_add(hb, e)
+        for e in entries:
+            self._unplace(e)
+
+    def demote_handle(self, conv: Conversation, n: int, reason: EvictionReason) -> int:
+        """Move the handle's last n device blocks off the device; returns the pool blocks freed."""
+        bs, freed = self.pool.block_size, 0
+        partial = conv.kv.num_tokens % bs
+        if n > 0 and partial:  # its private partial last block
+            block = conv.kv.blocks.pop()
+            hb = self._host_take(protected=True)
+            if hb >= 0:
+                self.host.from_pool(self.pool, [block], [hb])
+                self.counters.demoted_blocks["device->host"] += 1
+                conv.host.blocks, conv.host.num_tokens = [hb], partial
+                self._host_add(hb, conv)
+            else:
+                self._count_lost(conv.remote_tokens >= conv.kv.num_tokens, "device")
+            conv.kv.num_tokens -= partial
+            self.pool.release([block])
+            self.counters.evicted_blocks[f"device:{reason}"] += 1
+            freed, n = 1, n - 1
+        entries = []
+        while n > 0 and conv.kv.blocks:
+            block = conv.kv.blocks.pop()
+            conv.kv.num_tokens -= bs
+            n -= 1
+            self.pool.release([block])
+            entry = self._entry_at[block]
+            if self.pool.ref_count(block) == 0 and entry is not None:
+                entries.append(entry)  # nobody else holds it
+        self.demote(entries, reason)
+        return freed + len(entries)
 
     def make_room(self, blocks_needed: int, protect: frozenset[str]) -> None:
-        """Demote idle conversations' device blocks, LRU first, until blocks_needed are free."""
+        """Demote idle handles' device blocks, LRU first, until blocks_needed are free."""
         for conv in self.store.lru():
             if self.pool.num_free >= blocks_needed:
                 return
-            if conv.key not in protect and conv.kv.blocks and conv.fetch is None:
-                self._demote(conv, blocks_needed - self.pool.num_free)
+            if conv.key not in protect and conv.kv.blocks:
+                self.demote_handle(conv, blocks_needed - self.pool.num_free, "pressure")
 
-    def enforce_budget(self, protect: frozenset[str] | set[str]) -> None:
-        """Keep the device blocks of idle conversations within the device budget."""
-        idle = [c for c in self.store.lru() if c.key not in protect]
-        for conv in idle:
-            if conv.fetch is not None and conv.fetch.done.is_set():  # its request went away
-                self.drop_fetch(conv)
+    def idle_device_blocks(self, busy: set[str] | frozenset[str]) -> int:
+        """Device blocks no request uses: evictable ones, and those only idle handles hold."""
+        holders: Counter[int] = Counter()
+        busy_blocks: set[int] = set()
+        for conv in self.store.lru():
+            if conv.key in busy:
+                busy_blocks.update(conv.kv.blocks)
+            else:
+                holders.update(conv.kv.blocks)
+        held = sum(1 for b, n in holders.items() if b not in busy_blocks and self.pool.ref_count(b) == n)
+        return self.pool.num_evictable + held
+
+    def idle_device_bytes(self, busy: set[str] | frozenset[str]) -> int:
+        return self.idle_device_blocks(busy) * self.bytes_per_block
+
+    def enforce_budget(self, busy: set[str] | frozenset[str]) -> None:
+        """Keep the idle device blocks within the device budget: evictable first, then idle handles'."""
         if self.device_budget_blocks is None:
             return
-        idle = [c for c in idle if c.kv.blocks]
-        excess = sum(len(c.kv.blocks) for c in idle) - self.device_budget_blocks
-        for conv in idle:
+        excess = self.idle_device_blocks(busy) - self.device_budget_blocks
+        if excess <= 0:
+            return
+        victims = self.pool.evictable()[:excess]
+        self.demote([e for b in victims if (e := self._entry_at[b]) is not None], "budget")
+        excess -= len(victims)
+        for conv in self.store.lru():
             if excess <= 0:
                 return
-            n = min(excess, len(conv.kv.blocks))
-            self._demote(conv, n)
-            excess -= n
+            if conv.key not in busy and conv.kv.blocks:
+                excess -= self.demote_handle(conv, excess, "budget")
 
-    def _demote(self, conv: Conversation, n: int) -> None:
-        """Move the conversation's last n device blocks to the host tier (or drop them)."""
-        bs = self.pool.block_size
-        n = min(n, len(conv.kv.blocks))
-        keep = len(conv.kv.blocks) - n
-        tail = conv.kv.blocks[keep:]
-        tokens = conv.kv.num_tokens - keep * bs
-        if self._host_room(n):
-            host_blocks = self.host.allocate(n)
-            t0 = time.perf_counter()
-            self.host.from_pool(self.pool, tail, host_blocks)
-            self.counters.transfer("device->host", n * self.bytes_per_block, time.perf_counter() - t0)
-            self.counters.demoted_blocks["device->host"] += n
-            conv.host.blocks[:0] = host_blocks
-            conv.host.num_tokens += tokens
-        else:  # no host tier (or too small): what lay after the dropped blocks is unreachable too
-            self._count_lost(conv, keep * bs, conv.kv.num_tokens, "device")
-            self._count_lost(conv, conv.kv.num_tokens, conv.local_tokens, "host")
-            conv.host.free()
-        conv.kv.truncate(keep * bs)
+    # -- the host tier --------------------------------------------------------------------------------
 
-    def _host_room(self, n: int) -> bool:
-        if n > self.host.num_blocks:
-            return False
-        for conv in self.store.lru():
-            if self.host.num_free >= n:
-                break
-            if conv.host.blocks:
-                self._evict_host(conv, n - self.host.num_free)
-        return self.host.num_free >= n
+    def _host_take(self, protected: bool) -> int:
+        """A free host block, evicting the LRU one if needed (a handle's only for a handle's); -1: none."""
+        if self.host.num_free == 0:
+            lru = self._host_lru or (self._host_lru_protected if protected else None)
+            if not lru:
+                return -1
+            hb, owner = next(iter(lru.items()))
+            self.evict_host(hb, owner, "pressure")
+        return self.host.allocate(1)[0]
 
-    def _evict_host(self, conv: Conversation, n: int) -> None:
-        """Free the conversation's last n host blocks: they live on in Redis if it has them."""
-        if self.redis is not None and conv.remote_tokens < conv.local_tokens:
-            self.persist(conv)  # e.g. Redis was down at commit time and is back
-        n = min(n, len(conv.host.blocks))
-        start = conv.kv.num_tokens + (len(conv.host.blocks) - n) * self.pool.block_size
-        self._count_lost(conv, start, conv.local_tokens, "host")
-        conv.host.drop_tail(n)
-
-    def _count_lost(self, conv: Conversation, start: int, end: int, tier: str) -> None:
-        if end <= start:
-            return
-        bs = self.pool.block_size
-        blocks = -(-end // bs) - start // bs
-        in_redis = end <= conv.remote_tokens or conv.persist_pending == conv.version
-        if in_redis and self.redis is not None:
-            self.counters.demoted_blocks[f"{tier}->redis"] += blocks
+    def evict_host(self, hb: int, owner: HostOwner, reason: EvictionReason) -> None:
+        self._host_lru.pop(hb, None)
+        self._host_lru_protected.pop(hb, None)
+        if isinstance(owner, CachedBlock):
+            owner.host = -1
+            self.num_host -= 1
+            self._count_lost(bool(owner.redis & IN_REDIS), "host")
+            self._forget_if_gone(owner)
         else:
-            self.counters.dropped_blocks[tier] += blocks
+            self._count_lost(owner.remote_tokens >= owner.local_tokens, "host")
+            owner.host.blocks, owner.host.num_tokens = [], 0
+        self.host.release([hb])
+        self.counters.evicted_blocks[f"host:{reason}"] += 1
 
-    # -- promotion ------------------------------------------------------------------------------------
+    def _host_add(self, hb: int, owner: HostOwner) -> None:
+        protected = isinstance(owner, Conversation) or owner.handles > 0
+        (self._host_lru_protected if protected else self._host_lru)[hb] = owner
 
-    def plan(self, conv: Conversation, want: int) -> int:
-        """Prefix end to make device-resident for a request reusing token_ids[:want] (cost model)."""
-        d = conv.kv.num_tokens
+    def unpin_host(self, hb: int, owner: HostOwner) -> None:
+        """Back in the host LRU (most recent): `pin_host` took it out while a request plans to use it."""
+        self._host_add(hb, owner)
+
+    def pin_host(self, hb: int) -> HostOwner | None:
+        """Keep host block hb from eviction until unpinned (None: already pinned)."""
+        return self._host_lru.pop(hb, None) or self._host_lru_protected.pop(hb, None)
+
+    def protect(self, entries: list[CachedBlock], delta: int) -> None:
+        """A handle's chain gains (delta 1) or loses (-1) these entries."""
+        for e in entries:
+            before = e.handles > 0
+            e.handles += delta
+            if e.host >= 0 and (e.handles > 0) != before and self.pin_host(e.host) is not None:
+                self._host_add(e.host, e)
+
+    def promote(self, entries: list[CachedBlock]) -> list[int]:
+        """Copy pinned host entries into new pool blocks (one reference each: the caller's); their
+        host copies are freed."""
+        if not entries:
+            return []
+        blocks = self.pool.allocate(len(entries))
+        t0 = time.perf_counter()
+        self.host.to_pool([e.host for e in entries], self.pool, blocks)
+        seconds = time.perf_counter() - t0
+        for e, b in zip(entries, blocks, strict=True):
+            self.host.release([e.host])
+            e.host = -1
+            self.num_host -= 1
+            self.place(e, b)
+        nbytes = len(entries) * self.bytes_per_block
+        self.counters.transfer("host->device", nbytes, seconds)
+        self.counters.promoted_blocks["host"] += len(entries)
+        self.cost.observe_transfer("host", nbytes, seconds)
+        return blocks
+
+    # -- handles --------------------------------------------------------------------------------------
+
+    def drop_handle(self, conv: Conversation) -> None:
+        """A handle goes (LRU or deleted): its blocks stay cached, unprotected, until evicted."""
+        conv.kv.free()
+        if conv.host.blocks:
+            hb = conv.host.blocks[0]
+            if self.pin_host(hb) is not None:
+                self.host.release([hb])
+            conv.host.blocks, conv.host.num_tokens = [], 0
+        self.protect(conv.chain, -1)
+
+    def purge(self, entries: list[CachedBlock]) -> None:
+        """Drop the KV of entries nobody holds or protects (a deleted conversation's)."""
+        for e in entries:
+            if e.handles:
+                continue
+            if e.device >= 0 and self.pool.ref_count(e.device) == 0:
+                self.counters.evicted_blocks["device:deleted"] += 1
+                self._unplace(e)
+            if e.host >= 0 and (hb := e.host) in self._host_lru:
+                self.evict_host(hb, e, "deleted")
+
+    # -- restore or recompute -------------------------------------------------------------------------
+
+    def plan(self, where: Extents, want: int) -> int:
+        """Prefix end to make device-resident for a request reusing [0, want) (cost model)."""
+        d = where.device_tokens
         if want <= d:
             return want
-        h = conv.local_tokens
+        h = where.local_tokens
         options = [d]
         if h > d:
             options.append(min(want, h))
         # Redis values hold whole blocks: they continue a local prefix that ends on a block boundary
         redis_usable = self.redis is not None and not self.redis.degraded and h % self.pool.block_size == 0
-        if redis_usable and conv.remote_tokens > h:
-            options.append(min(want, conv.remote_tokens))
+        if redis_usable and where.remote_tokens > h:
+            options.append(min(want, where.remote_tokens))
         if self.policy == "always":
             return max(options)
         if self.policy == "never":
@@ -166,185 +323,29 @@ class TieredCache:
 
         return min(options, key=lambda end: (cost(end), -end))
 
-    def restore(self, conv: Conversation, target: int) -> RestoreStatus:
-        """Bring token_ids[:target] to the device (call `collect` first). The caller made room for
-        the blocks it takes: host blocks are copied now, Redis ones by the I/O thread."""
-        if target > conv.kv.num_tokens and conv.host.blocks:
-            self._promote_host(conv, target)
-        if target <= conv.kv.num_tokens:
-            return "ready"
-        if conv.fetch is None:
-            assert self.redis is not None and not conv.host.blocks
-            assert conv.kv.num_tokens % self.pool.block_size == 0, "plan() keeps Redis after whole blocks"
-            end = min(target, conv.remote_tokens)
-            n = -(-end // self.pool.block_size) - len(conv.kv.blocks)
-            conv.fetch = FetchJob(
-                key=conv.key,
-                version=conv.version,
-                token_ids=list(conv.token_ids),
-                cached_tokens=conv.remote_tokens,
-                pool=self.pool,
-                first_block=len(conv.kv.blocks),
-                end_token=end,
-                blocks=self.pool.allocate(n, after=conv.kv.blocks[-1] if conv.kv.blocks else None),
-            )
-            self.redis.submit_fetch(conv.fetch)
-        return "fetching"
+    # -- Redis jobs -----------------------------------------------------------------------------------
 
-    def collect(self, conv: Conversation) -> None:
-        """A finished Redis fetch: its filled blocks join the device prefix, the rest is freed."""
-        job = conv.fetch
-        if job is None or not job.done.is_set():
-            return
-        conv.fetch = None
-        fits = job.version == conv.version and job.first_block == len(conv.kv.blocks)
-        fits = fits and conv.kv.num_tokens == job.first_block * self.pool.block_size
-        if not fits:  # the conversation moved on meanwhile
-            self.pool.release(job.blocks)
-            return
-        if job.copied is not None:
-            torch.cuda.current_stream().wait_event(job.copied)
-        filled = job.filled_blocks
-        conv.kv.blocks += job.blocks[:filled]
-        self.pool.release(job.blocks[filled:])
-        if filled:
-            conv.kv.num_tokens = job.filled_tokens
-            self.counters.transfer("redis->device", filled * self.bytes_per_block, job.seconds)
-            self.counters.promoted_blocks["redis"] += filled
-        if conv.kv.num_tokens < job.end_token:  # missing or refused values: recompute from here
-            conv.remote_tokens = min(conv.remote_tokens, conv.kv.num_tokens)
+    def abandon(self, job: FetchJob) -> None:
+        """Give up a fetch; its blocks are freed once the I/O thread is done with them."""
+        self._abandoned.append(job)
+        self.poll()
 
-    def drop_fetch(self, conv: Conversation) -> None:
-        """Give up a conversation's fetch; its blocks are freed once the I/O thread is done with them."""
-        if conv.fetch is not None:
-            self._abandoned.append(conv.fetch)
-            conv.fetch = None
-        self._release_abandoned()
-
-    def _release_abandoned(self) -> None:
+    def poll(self) -> None:
+        """Settle the Redis writes that finished and free abandoned fetches' blocks."""
         for job in [j for j in self._abandoned if j.done.is_set()]:
             self.pool.release(job.blocks)
             self._abandoned.remove(job)
-
-    def _promote_host(self, conv: Conversation, target: int) -> None:
-        bs = self.pool.block_size
-        n = min(-(-(target - conv.kv.num_tokens) // bs), len(conv.host.blocks))
-        tokens = min(n * bs, conv.host.num_tokens)
-        host_blocks = conv.host.blocks[:n]
-        pool_blocks = self.pool.allocate(n, after=conv.kv.blocks[-1] if conv.kv.blocks else None)
-        t0 = time.perf_counter()
-        self.host.to_pool(host_blocks, self.pool, pool_blocks)
-        seconds = time.perf_counter() - t0
-        conv.kv.blocks += pool_blocks
-        conv.kv.num_tokens += tokens
-        self.host.release(host_blocks)
-        del conv.host.blocks[:n]
-        conv.host.num_tokens -= tokens
-        nbytes = n * self.bytes_per_block
-        self.counters.transfer("host->device", nbytes, seconds)
-        self.counters.promoted_blocks["host"] += n
-        self.cost.observe_transfer("host", nbytes, seconds)
-
-    # -- Redis: write behind, resume anywhere ---------------------------------------------------------
-
-    def on_commit(self, conv: Conversation, old_token_ids: list[int]) -> None:
-        """A /generate replaced the conversation's history: what Redis holds is valid up to the
-        common prefix; write the new KV behind."""
-        conv.remote_tokens = min(conv.remote_tokens, common_prefix(old_token_ids, conv.token_ids))
-        conv.version += 1
-        self.persist(conv)
-
-    def persist(self, conv: Conversation) -> None:
-        """Stage the blocks Redis lacks (device and host) and queue one write of the conversation."""
-        if self.redis is None or not self.redis.writable() or conv.persist_pending == conv.version:
-            return
-        bs, k = self.pool.block_size, self.redis.blocks_per_value
-        end = conv.local_tokens
-        if conv.host.blocks:
-            assert conv.kv.num_tokens % bs == 0
-        first_chunk = min(conv.remote_tokens, end) // self.redis.chunk_tokens
-        first_block = first_chunk * k
-        device_ids = conv.kv.blocks[first_block:]
-        host_ids = conv.host.blocks[max(0, first_block - len(conv.kv.blocks)) :]
-        n = len(device_ids) + len(host_ids)
-        staged = torch.empty(
-            n, *self.host.layout.block_shape, dtype=self.host.layout.dtype, pin_memory=self._cuda
-        )
-        copy_blocks(self.pool, device_ids, staged, list(range(len(device_ids))), to_pool=False)
-        ready = None
-        if self._cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        if host_ids:
-            self.host.sync()
-            staged[len(device_ids) :] = self.host.kv[host_ids]
-        if n and end % bs:  # slots past the end may hold an earlier owner's KV: never write them out
-            if ready is not None:
-                ready.synchronize()
-            staged[n - 1, :, :, :, end % bs :] = 0
-        job = WriteJob(
-            conv.key, conv.version, list(conv.token_ids), end, first_chunk, staged, conv.remote_chunks, ready
-        )
-        if self.redis.submit_write(job):
-            conv.persist_pending = conv.version
-            conv.remote_chunks = max(conv.remote_chunks, -(-end // self.redis.chunk_tokens))
-
-    def poll(self) -> None:
-        """Apply the Redis writes that finished since the last call."""
-        if self.redis is None:
-            return
-        self._release_abandoned()
-        for done in self.redis.completed_writes():
-            conv = self.store.peek(done.key)
-            if conv is None:
-                continue
-            if conv.persist_pending == done.version:
-                conv.persist_pending = None
-            if done.ok and conv.version == done.version:
-                conv.remote_tokens = done.cached_tokens
-
-    def lookup(self, key: str) -> RemoteMeta | None:
-        """Metadata another replica (or this one, earlier) left in Redis. Call WITHOUT the state lock."""
-        return self.redis.lookup(key) if self.redis is not None else None
-
-    def adopt(self, meta: RemoteMeta) -> None:
-        """Resume a conversation from its Redis metadata: history known, KV to fetch on first use."""
-        if meta.conversation in self.store:
-            return
-        conv = self.store.get_or_create(meta.conversation)
-        conv.token_ids = list(meta.token_ids)
-        conv.remote_tokens = meta.cached_tokens
-        conv.remote_chunks = meta.num_chunks
-        log.info(
-            "resumed conversation from Redis: %d tokens, %d cached", len(meta.token_ids), meta.cached_tokens
-        )
-
-    def forget(self, conv: Conversation) -> None:
-        """The conversation was deleted: remove its Redis copy too."""
         if self.redis is not None:
-            self.redis.submit_delete(conv.key, conv.remote_chunks)
+            for write in self.redis.completed_writes():
+                write.settle(write.ok)
 
     # -- reporting ------------------------------------------------------------------------------------
 
-    def count_lookup(self, prompt_tokens: int, reuse: int, want: int, device_end: int, host_end: int) -> None:
-        """An admitted request reused token_ids[:reuse] of a conversation that then held
-        [0, device_end) on the device and [device_end, host_end) on the host (the rest: Redis)."""
-        c = self.counters
-        c.query_tokens += prompt_tokens
-        c.hit_tokens["device"] += min(reuse, device_end)
-        c.hit_tokens["host"] += max(0, min(reuse, host_end) - device_end)
-        c.hit_tokens["redis"] += max(0, reuse - max(host_end, device_end))
-        c.recomputed_tokens += max(0, want - reuse)
-
-    def idle_device_bytes(self, busy: set[str] | frozenset[str]) -> int:
-        return sum(len(c.kv.blocks) for c in self.store.lru() if c.key not in busy) * self.bytes_per_block
-
     def stats(self) -> CacheStats:
         c = self.counters
-        device_blocks = sum(len(conv.kv.blocks) for conv in self.store.lru())
         budget = self.device_budget_blocks if self.device_budget_blocks is not None else self.pool.num_blocks
         return CacheStats(
-            device_bytes=device_blocks * self.bytes_per_block,
+            device_bytes=(self.pool.num_blocks - self.pool.num_free) * self.bytes_per_block,
             device_budget_bytes=budget * self.bytes_per_block,
             host_bytes=self.host.bytes_used,
             host_capacity_bytes=self.host.capacity_bytes,
@@ -363,6 +364,11 @@ class TieredCache:
             redis_errors=c.redis_errors,
             redis_writes_skipped=c.redis_writes_skipped,
             discarded_entries=dict(c.discarded_entries),
+            index_blocks={"device": self.num_device, "host": self.num_host},
+            kind_query_tokens=dict(c.kind_query_tokens),
+            kind_hit_tokens=dict(c.kind_hit_tokens),
+            evicted_blocks=dict(c.evicted_blocks),
+            probes=c.probes,
         )
 
     def close(self) -> None:

@@ -103,10 +103,9 @@ def oracle(demo: DemoPaths) -> PeftOracle:
     return PeftOracle(demo)
 
 
-@pytest.fixture(scope="session")
-def server(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The shared server: two tenants (API keys), small request and model-length limits."""
-    args = [
+def server_args(demo: DemoPaths) -> list[str]:
+    """The shared server's flags: two tenants (API keys), small request and model-length limits."""
+    return [
         "--model",
         str(demo.model),
         "--adapters-dir",
@@ -122,7 +121,12 @@ def server(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--kv-cache-bytes",
         "64MiB",
     ]
-    proc = ServerProcess(args, tmp_path_factory.mktemp("logs") / "server.log").start()
+
+
+@pytest.fixture(scope="session")
+def server(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The shared server (its KV index sees every test's requests)."""
+    proc = ServerProcess(server_args(demo), tmp_path_factory.mktemp("logs") / "server.log").start()
     yield proc
     proc.stop()
 

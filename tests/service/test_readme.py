@@ -6,10 +6,15 @@ freshly installed packages too."""
 import json
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+
+from alora_core.fixtures import DemoPaths
+from tests.service.conftest import KEY_A, KEY_B, ServerProcess, server_args
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = {"ttft_s", "total_s"}
@@ -46,6 +51,31 @@ def front_page_calls() -> list[Call]:
 
 def without_timings(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in TIMINGS}
+
+
+@pytest.fixture(scope="module")
+def fresh_server(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A fresh server, as after `make serve`: the shared one's KV index holds other tests' prefixes
+    (the same chat prompt among them), so a first turn there is no longer uncached."""
+    server = ServerProcess(server_args(demo), tmp_path_factory.mktemp("readme") / "server.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=fresh_server.url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+def client_b(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=fresh_server.url, headers={"Authorization": f"Bearer {KEY_B}"}, timeout=60
+    ) as c:
+        yield c
 
 
 def replay(client: httpx.Client, calls: list[Call]) -> None:
