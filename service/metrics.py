@@ -8,13 +8,14 @@ exported as text at GET /metrics. Names are vLLM's with our prefix (`vllm:time_t
     per scrape   (EngineCollector, reads the engine)   running / waiting, KV pool and tiers, Redis
 
 Labels stay bounded: `endpoint` (generate | intrinsic), `adapter` (a loaded adapter, `base` for none),
-`tier`, `finished_reason`, `status` and `reason` (error codes). Never a conversation id or API key.
+`tier`, `kind` (base | alora | lora), `finished_reason`, `status` and `reason` (error codes, eviction
+reasons). Never a conversation id or API key.
 """
 
 import json
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -64,6 +65,9 @@ EVICTIONS = (
 )
 TRANSFERS = ("device->host", "host->device", "redis->device", "to_redis")
 DISCARD_REASONS = ("missing", "corrupt", "stale")  # of Redis values refused (the codec may add more)
+ADAPTER_KINDS = ("base", "alora", "lora")  # prefix-cache hit rate by the kind of request
+INDEX_TIERS = ("device", "host")  # where the KV index's blocks lie (Redis is shared by replicas)
+EVICTION_REASONS = ("pressure", "budget", "deleted")  # room needed / device budget / DELETE
 
 # buckets (seconds, tokens): intrinsics take milliseconds, long conversations' turns minutes
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -315,7 +319,9 @@ def _cache_metrics(stats: Any, pool_bytes: int) -> Iterator[Metric]:
         return getattr(stats, name, default)
 
     usage = GaugeMetricFamily(
-        "alora_kv_cache_usage_bytes", "KV bytes conversations hold, by tier.", labels=["tier"]
+        "alora_kv_cache_usage_bytes",
+        "KV bytes held, by tier (device: in use by requests and conversations; host: cached).",
+        labels=["tier"],
     )
     usage.add_metric(["device"], field("device_bytes"))
     usage.add_metric(["host"], field("host_bytes"))
@@ -326,11 +332,11 @@ def _cache_metrics(stats: Any, pool_bytes: int) -> Iterator[Metric]:
     yield capacity
     yield _counter(
         "alora_prefix_cache_queries",
-        "Prompt tokens of requests that looked up a conversation cache.",
+        "Prompt tokens of every request (each looks up the KV index).",
         field("query_tokens"),
     )
     hits = CounterMetricFamily(
-        "alora_prefix_cache_hits", "Prompt tokens reused from a conversation cache, by tier.", labels=["tier"]
+        "alora_prefix_cache_hits", "Prompt tokens reused from the KV cache, by tier.", labels=["tier"]
     )
     hit_tokens = field("hit_tokens", {})
     for tier in TIERS:
@@ -362,6 +368,7 @@ def _cache_metrics(stats: Any, pool_bytes: int) -> Iterator[Metric]:
     for tier in ("host", "redis"):
         promoted.add_metric([tier], promoted_blocks.get(tier, 0))
     yield promoted
+    yield from _index_metrics(field)
     for name, doc, values in (
         ("alora_kv_cache_transfer_bytes", "Bytes moved between tiers.", field("transfer_bytes", {})),
         ("alora_kv_cache_transfer_seconds", "Time spent moving them.", field("transfer_seconds", {})),
@@ -395,6 +402,43 @@ def _cache_metrics(stats: Any, pool_bytes: int) -> Iterator[Metric]:
         "alora_redis_pending_write_bytes",
         "Bytes staged for Redis, not written yet.",
         field("pending_write_bytes"),
+    )
+
+
+def _index_metrics(field: Callable[..., Any]) -> Iterator[Metric]:
+    """The KV index: hit rate by adapter kind, blocks per tier, evictions by reason, Redis probes."""
+    for name, doc, values in (
+        ("alora_prefix_cache_kind_queries", "Prompt tokens looked up", field("kind_query_tokens", {})),
+        ("alora_prefix_cache_kind_hits", "Prompt tokens reused", field("kind_hit_tokens", {})),
+    ):
+        family = CounterMetricFamily(name, f"{doc}, by adapter kind (base, alora, lora).", labels=["kind"])
+        for kind in ADAPTER_KINDS:
+            family.add_metric([kind], values.get(kind, 0))
+        yield family
+    blocks = GaugeMetricFamily(
+        "alora_prefix_cache_blocks",
+        "Blocks in the KV index, by the local tier holding them.",
+        labels=["tier"],
+    )
+    index_blocks = field("index_blocks", {})
+    for tier in INDEX_TIERS:
+        blocks.add_metric([tier], index_blocks.get(tier, 0))
+    yield blocks
+    evictions = CounterMetricFamily(
+        "alora_prefix_cache_evictions",
+        "Blocks evicted from a tier, by reason (pressure: room needed, budget: over the device "
+        "budget, deleted: DELETE /conversations).",
+        labels=["tier", "reason"],
+    )
+    evicted = field("evicted_blocks", {})
+    for tier in INDEX_TIERS:
+        for reason in EVICTION_REASONS:
+            evictions.add_metric([tier, reason], evicted.get(f"{tier}:{reason}", 0))
+    yield evictions
+    yield _counter(
+        "alora_prefix_cache_redis_probes",
+        "Requests without a conversation that asked Redis how far cached values go.",
+        field("probes"),
     )
 
 

@@ -5,9 +5,10 @@
                          '-- stream(): on_token --call_soon_threadsafe--> asyncio.Queue --> SSE
 
 The gate of a conversation: a /generate (or delete) runs alone; intrinsics and lookups run side by
-side; each call waits for the ones that arrived before it and could change what it sees. So
-simultaneous requests on one conversation each get the answer their arrival order implies, and the
-cache is never raced, whatever the engine below does.
+side, but reach the engine in their arrival order; each call waits for the ones that arrived before
+it and could change what it sees. So simultaneous requests on one conversation each get the answer
+their arrival order implies (including which of them reuses KV another computed), and the cache is
+never raced, whatever the engine below does.
 
 An engine call only submits (validation + enqueue, on a worker thread); the result is awaited on
 the event loop, so no thread waits on model work and the engine's own queue bound (429) is what
@@ -18,7 +19,7 @@ for every call still running.
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -39,6 +40,7 @@ EngineCall = Callable[[TokenCallback | None], EngineHandle]  # submits one engin
 class _Gate:
     last_exclusive: "asyncio.Future[None] | None" = None  # the latest writer (done when it ends)
     shared_since: "set[asyncio.Future[None]]" = field(default_factory=set)  # readers after it
+    submitting: asyncio.Lock = field(default_factory=asyncio.Lock)  # engine submissions in arrival order
     users: int = 0
 
 
@@ -154,8 +156,9 @@ class EngineRunner:
     async def _gated(
         self, key: str | None, exclusive: bool, fn: EngineCall, on_token: TokenCallback | None
     ) -> GenerationResult:
-        async with self._gate(key, exclusive):
-            handle = await anyio.to_thread.run_sync(fn, on_token, limiter=self._threads)
+        async with self._gate(key, exclusive) as gate:
+            async with gate.submitting if gate is not None else nullcontext():  # FIFO (asyncio.Lock)
+                handle = await anyio.to_thread.run_sync(fn, on_token, limiter=self._threads)
             try:
                 return await _finished(handle)
             except asyncio.CancelledError:
@@ -163,9 +166,9 @@ class EngineRunner:
                 raise
 
     @asynccontextmanager
-    async def _gate(self, key: str | None, exclusive: bool) -> AsyncIterator[None]:
+    async def _gate(self, key: str | None, exclusive: bool) -> AsyncIterator[_Gate | None]:
         if key is None:
-            yield
+            yield None
             return
         gate = self._gates.setdefault(key, _Gate())
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -179,7 +182,7 @@ class EngineRunner:
         try:
             if before:
                 await asyncio.wait(before)  # (never cancels the futures it waits on)
-            yield
+            yield gate
         finally:
             mine.set_result(None)
             gate.shared_since.discard(mine)

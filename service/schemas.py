@@ -33,6 +33,16 @@ ConversationId = Annotated[
     ),
 ]
 TokenId = Annotated[StrictInt, Field(ge=0)]
+CacheSalt = Annotated[
+    str,
+    AfterValidator(_utf8),
+    Field(
+        min_length=1,
+        max_length=256,
+        description="Only requests with the same salt (and API key) share cached KV: e.g. one per "
+        "end user, so no timing can tell whether another user sent the same prompt (vLLM's cache_salt).",
+    ),
+]
 FinishReason = Literal["stop", "length"]
 
 
@@ -93,6 +103,7 @@ class GenerateRequest(InputFields, SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     conversation_id: ConversationId | None = None
+    cache_salt: CacheSalt | None = None
     stream: bool = Field(False, description="Send tokens as server-sent events, then `data: [DONE]`.")
 
     @model_validator(mode="after")
@@ -112,6 +123,7 @@ class IntrinsicRequest(InputFields, SamplingFields):
     conversation_id: ConversationId | None = Field(
         None, description="Conversation whose cached base KV an aLoRA reuses (and the default context)."
     )
+    cache_salt: CacheSalt | None = None
     add_invocation: bool = Field(
         True,
         description="Append an aLoRA's invocation when the context lacks it. false: such a context is "
@@ -164,7 +176,7 @@ class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the context (including an appended invocation).")
     completion_tokens: int = Field(description="Tokens generated.")
     cached_tokens: int = Field(
-        description="Context tokens whose KV was reused from the conversation's cache."
+        description="Context tokens whose KV was reused from the cache (any tier), not computed."
     )
 
 

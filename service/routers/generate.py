@@ -39,8 +39,9 @@ async def generate(
     metrics: MetricsDep,
 ) -> GenerateResponse | StreamingResponse:
     """Input = the conversation's FULL history (one of messages / prompt / input_ids). The longest
-    prefix already cached for `conversation_id` is reused (`usage.cached_tokens`); the history and
-    the output become the conversation's new state. Without `conversation_id` a new one is made."""
+    prefix already cached is reused (`usage.cached_tokens`), whichever request computed it (same API
+    key and `cache_salt`); the history and the output become the conversation's new state. Without
+    `conversation_id` a new one is made (its id is returned, to continue it)."""
     conversation_id = body.conversation_id or uuid.uuid4().hex
     key = tenant.key(conversation_id)
     params = body.sampling_params()
@@ -49,7 +50,9 @@ async def generate(
         with public_ids(key, conversation_id):
             input_ids = encode_input(engine.tokenizer, body, generation_prompt=True)
             assert input_ids is not None  # the schema requires exactly one input form
-            return engine.submit_generate(key, input_ids, params, on_token)
+            return engine.submit_generate(
+                key, input_ids, params, on_token, tenant=tenant.id, cache_salt=body.cache_salt
+            )
 
     def respond(result: GenerationResult) -> GenerateResponse:
         metrics.record("generate", result)

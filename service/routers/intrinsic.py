@@ -41,8 +41,9 @@ async def intrinsic(
     metrics: MetricsDep,
 ) -> IntrinsicResponse:
     """Context = the input if given, else the conversation's tokens; the adapter's invocation is
-    appended unless the context already contains it. An aLoRA reuses the conversation's cached base
-    KV up to its invocation; a plain LoRA recomputes the whole context. The conversation is never
+    appended unless the context already contains it. An aLoRA reuses the cached base KV up to its
+    invocation; a plain LoRA reuses only its own earlier KV of the same context. Any cached prefix is
+    reused, with or without a conversation (same API key and `cache_salt`). The conversation is never
     changed. `result` holds the output parsed per the adapter's output format, if it declares one."""
     engine.adapters.get(name)  # unknown -> 404 before any work
     return await run_intrinsic(name, body, request, engine, runner, state, tenant, metrics)
@@ -105,7 +106,9 @@ async def run_intrinsic(
                 input_ids = engine.conversation_tokens(key)  # as is: the engine checks the invocation
             if body.add_invocation and input_ids is not None:
                 input_ids = with_invocation(input_ids, adapter.spec.invocation_tokens)
-            return engine.submit_intrinsic(name, key, input_ids, params, on_token)
+            return engine.submit_intrinsic(
+                name, key, input_ids, params, on_token, tenant=tenant.id, cache_salt=body.cache_salt
+            )
 
     with public_ids(key, conversation_id):  # errors raised once queued, too
         result = await runner.call(key, False, call, request)
