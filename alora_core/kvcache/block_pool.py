@@ -74,6 +74,11 @@ class BlockPool:
         return self._num_free + len(self._evictable)
 
     @property
+    def num_empty(self) -> int:
+        """Blocks holding no KV at all (neither in use nor cached)."""
+        return self._num_free
+
+    @property
     def num_evictable(self) -> int:
         return len(self._evictable)
 
