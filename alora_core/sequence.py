@@ -23,7 +23,6 @@ NO_ACTIVATION = 1 << 62  # activation_start of a base request: no position gets 
 class Sequence:
     prompt: list[int]
     table: BlockTable
-    chain: BlockChain  # the KV index's view of its blocks (hashes, entries)
     params: SamplingParams
     max_model_len: int
     eos_token_ids: tuple[int, ...]
@@ -34,6 +33,7 @@ class Sequence:
     stop_text_end: int | None = None  # where the text ends when a stop string matched
     logits: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None
+    chain: BlockChain | None = None  # the KV index's view of its blocks (the scheduler sets it)
 
     @property
     def tokens(self) -> list[int]:

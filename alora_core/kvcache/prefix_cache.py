@@ -33,7 +33,7 @@ class CachedSequence(Protocol):
     """The parts of a running sequence the cache reads and fills."""
 
     table: BlockTable
-    chain: BlockChain
+    chain: BlockChain | None  # set for every sequence the scheduler runs
     activation_start: int  # first adapted position; 0 for a plain LoRA, huge for a base request
 
     @property
@@ -69,6 +69,11 @@ class Probe:
     local: int  # blocks held locally when it was sent
 
 
+def chain_of(seq: CachedSequence) -> BlockChain:
+    assert seq.chain is not None, "a sequence without a KV index chain"
+    return seq.chain
+
+
 class PrefixCache:
     def __init__(self, tiers: TieredCache, store: ConversationStore, remote: RemoteCache | None) -> None:
         self.tiers = tiers
@@ -83,11 +88,12 @@ class PrefixCache:
     def lookup(self, seq: CachedSequence, conv: Conversation | None, probed: int | None) -> Lookup:
         """The request's cached prefix; its device and host blocks are pinned until `unpin`."""
         bs, tokens, limit = self.bs, seq.tokens, seq.num_tokens - 1
-        seq.chain.entries = []
-        entries = self.index.match(seq.chain, tokens, limit // bs)
+        chain = chain_of(seq)
+        chain.entries = []
+        entries = self.index.match(chain, tokens, limit // bs)
         on_device = next((i for i, e in enumerate(entries) if e.device < 0), len(entries))
         found = Lookup(entries, on_device * bs, len(entries) * bs, 0)
-        if conv is not None and conv.root == seq.chain.root:  # its own base KV, token by token
+        if conv is not None and conv.root == chain.root:  # its own base KV, token by token
             cap = min(limit, seq.activation_start)
             found.handle_tokens = min(common_prefix(conv.token_ids[: conv.cached_tokens], tokens), cap)
             if found.local_tokens < found.handle_tokens < found.local_tokens + bs:
@@ -132,7 +138,7 @@ class PrefixCache:
             0, (limit - local) * self.tiers.bytes_per_block
         ) >= cost.recompute_s((limit - local) * self.bs):
             return None
-        job, ends = self.remote.probe(seq.chain, seq.tokens, local, limit)
+        job, ends = self.remote.probe(chain_of(seq), seq.tokens, local, limit)
         self.tiers.redis.submit_read(job)
         self.tiers.counters.probes += 1
         return Probe(job, ends, local)
@@ -153,7 +159,7 @@ class PrefixCache:
         self.pool.retain([e.device for e in use if e.device not in promoted])
         table.blocks = [e.device for e in use]
         table.num_tokens = len(use) * bs
-        seq.chain.entries = list(use)
+        chain_of(seq).entries = list(use)
         hits["host"] += len(promoted) * bs
         hits["device"] += (len(use) - len(promoted)) * bs
         if (
@@ -183,7 +189,7 @@ class PrefixCache:
             chain = self.remote.handle_chain(conv, written)
             job = self.remote.fetch(chain, conv.token_ids, first, target, written, conv, blocks)
         else:
-            job = self.remote.fetch(seq.chain, seq.tokens, first, target, target // bs, None, blocks)
+            job = self.remote.fetch(chain_of(seq), seq.tokens, first, target, target // bs, None, blocks)
         assert self.tiers.redis is not None
         self.tiers.redis.submit_read(job)
         return job
@@ -208,17 +214,17 @@ class PrefixCache:
         for _, header in job.values:  # the values read: this replica need not write them again
             end = header.first_block + header.num_blocks
             if header.num_tokens == header.num_blocks * self.bs and end * self.bs <= table.num_tokens:
-                seq.chain.entries[end - 1].redis |= ENDS_VALUE
+                chain_of(seq).entries[end - 1].redis |= ENDS_VALUE
         return True
 
     def attach(self, conv: Conversation, seq: CachedSequence, handle_tokens: int) -> None:
         """A request on a conversation restored part of the handle's own prefix: the handle holds
         those entries again, and its device prefix grows over them."""
-        full = min(handle_tokens, seq.table.num_tokens) // self.bs
-        if conv.root != seq.chain.root or full <= len(conv.chain):
+        full, chain = min(handle_tokens, seq.table.num_tokens) // self.bs, chain_of(seq)
+        if conv.root != chain.root or full <= len(conv.chain):
             new: list[CachedBlock] = []
         else:
-            new = seq.chain.entries[len(conv.chain) : full]
+            new = chain.entries[len(conv.chain) : full]
         self.tiers.protect(new, 1)
         conv.chain += new
         kv = conv.kv
@@ -245,7 +251,7 @@ class PrefixCache:
     def register(self, seq: CachedSequence, flags: int = 0) -> None:
         """Index the sequence's full blocks not indexed yet (their KV is computed or restored)."""
         n = seq.table.num_tokens // self.bs
-        chain = seq.chain
+        chain = chain_of(seq)
         if n <= len(chain.entries):
             return
         chain.hash_blocks(seq.tokens, n)
@@ -259,14 +265,15 @@ class PrefixCache:
     def finish(self, seq: CachedSequence) -> None:
         """A request without a handle to commit ends: write its base blocks behind, release them."""
         if self.remote is not None:
-            self.remote.write_behind(seq.chain, seq.tokens, seq.table, None)
+            self.remote.write_behind(chain_of(seq), seq.tokens, seq.table, None)
         seq.table.free()
 
     def commit(self, key: str, seq: CachedSequence) -> Conversation:
         """A /generate on conversation `key` ends: the handle moves to the sequence's chain (its
         tokens and blocks), protecting it; its previous chain stays cached, unprotected."""
-        conv = self.store.get_or_create(key, seq.chain.root)
-        table, entries = seq.table, seq.chain.entries
+        chain = chain_of(seq)
+        conv = self.store.get_or_create(key, chain.root)
+        table, entries = seq.table, chain.entries
         for i, e in enumerate(entries):  # the handle holds each entry's own device block
             if e.device < 0:
                 self.tiers.place(e, table.blocks[i])
@@ -275,19 +282,14 @@ class PrefixCache:
                 self.pool.release([table.blocks[i]])
                 table.blocks[i] = e.device
         self.tiers.protect(entries, 1)
-        old_tokens, same_root, old_written = conv.token_ids, conv.root == seq.chain.root, conv.remote_tokens
+        old_tokens, same_root, old_written = conv.token_ids, conv.root == chain.root, conv.remote_tokens
         self.tiers.drop_handle(conv)  # its old blocks: released and unprotected
-        conv.root, conv.kv, conv.chain, conv.token_ids = (
-            seq.chain.root,
-            table,
-            list(entries),
-            list(seq.tokens),
-        )
+        conv.root, conv.kv, conv.chain, conv.token_ids = chain.root, table, list(entries), list(seq.tokens)
         seq.table = BlockTable(self.pool)
         valid = common_prefix(old_tokens, conv.token_ids) if same_root else 0
         conv.remote_tokens = min(conv.remote_tokens, valid)  # Redis: valid up to the common prefix
         conv.version += 1
         if self.remote is not None:
             supersedes = old_written // self.bs if valid >= old_written else 0
-            self.remote.write_behind(seq.chain, conv.token_ids, conv.kv, conv, supersedes)
+            self.remote.write_behind(chain, conv.token_ids, conv.kv, conv, supersedes)
         return conv

@@ -28,14 +28,14 @@ def post(http: httpx.Client, path: str, body: dict) -> dict:
 
 
 def test_stateless_multi_turn_reuses_every_previous_turn(client: httpx.Client, oracle: PeftOracle) -> None:
-    history = random_ids(45, seed=900)
+    history = random_ids(45, seed=4900)
     previous = 0
     for turn in range(3):
         body = post(client, "/generate", {"input_ids": history})  # no conversation id: full history
         assert body["token_ids"] == oracle.generate(None, history, N)[0]
         assert body["usage"]["cached_tokens"] >= full_blocks(previous)
         previous = len(history)
-        history = history + body["token_ids"] + random_ids(11, seed=901 + turn)
+        history = history + body["token_ids"] + random_ids(11, seed=4901 + turn)
     history = history[:-11]  # the last turn's prompt and output
 
     # an aLoRA on that history reuses the base prefix up to the block holding its invocation
@@ -52,7 +52,7 @@ def test_stateless_multi_turn_reuses_every_previous_turn(client: httpx.Client, o
     rewrite = post(client, "/intrinsic/rewrite", {"input_ids": history})
     assert rewrite["usage"]["cached_tokens"] == 0
     assert rewrite["token_ids"] == oracle.generate("rewrite", history, N)[0]
-    grown = history + random_ids(20, seed=905)
+    grown = history + random_ids(20, seed=4905)
     again = post(client, "/intrinsic/rewrite", {"input_ids": grown})
     assert again["usage"]["cached_tokens"] == full_blocks(len(history))
     assert again["token_ids"] == oracle.generate("rewrite", grown, N)[0]
@@ -61,7 +61,7 @@ def test_stateless_multi_turn_reuses_every_previous_turn(client: httpx.Client, o
 def test_api_keys_and_cache_salts_share_nothing(
     client: httpx.Client, client_b: httpx.Client, oracle: PeftOracle
 ) -> None:
-    prompt = random_ids(70, seed=910)
+    prompt = random_ids(70, seed=4910)
     expected = oracle.generate(None, prompt, N)[0]
     first = post(client, "/generate", {"input_ids": prompt})
     assert first["usage"]["cached_tokens"] == 0 and first["token_ids"] == expected
@@ -88,7 +88,7 @@ def test_api_keys_and_cache_salts_share_nothing(
 def test_a_second_server_finds_a_prefix_the_first_computed(
     demo: DemoPaths, oracle: PeftOracle, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    prompt = random_ids(150, seed=920)
+    prompt = random_ids(150, seed=4920)
     first = serve(demo, redis_server.url, tmp_path / "first.log")
     try:
         turn = post(redis_client(first), "/generate", {"input_ids": prompt})  # no conversation id
@@ -97,7 +97,7 @@ def test_a_second_server_finds_a_prefix_the_first_computed(
 
     second = serve(demo, redis_server.url, tmp_path / "second.log")
     try:
-        history = prompt + turn["token_ids"] + random_ids(9, seed=921)
+        history = prompt + turn["token_ids"] + random_ids(9, seed=4921)
         body = post(redis_client(second), "/generate", {"input_ids": history})
         assert body["usage"]["cached_tokens"] == full_blocks(len(prompt) + N - 1)
         assert body["token_ids"] == oracle.generate(None, history, N)[0]
