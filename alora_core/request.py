@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alora_core.kvcache.prefix_cache import Probe
-from alora_core.kvcache.redis_tier import FetchJob
+from alora_core.kvcache.redis_jobs import FetchJob
 from alora_core.lora.registry import ResidentAdapter
 from alora_core.sampling import SamplingParams
 from alora_core.sequence import Sequence

@@ -24,7 +24,7 @@ from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.conversations import Conversation, ConversationStore
 from alora_core.kvcache.index import ENDS_VALUE, IN_REDIS, BlockChain, CachedBlock, PrefixIndex, common_prefix
-from alora_core.kvcache.redis_tier import FetchJob, ProbeJob
+from alora_core.kvcache.redis_jobs import FetchJob, ProbeJob
 from alora_core.kvcache.remote import RemoteCache
 from alora_core.kvcache.tiers import HostOwner, TieredCache
 

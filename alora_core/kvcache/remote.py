@@ -24,7 +24,8 @@ from alora_core.kvcache.codec import ChunkHeader, RemoteMeta, encode_meta, prefi
 from alora_core.kvcache.conversations import Conversation
 from alora_core.kvcache.host_tier import copy_blocks
 from alora_core.kvcache.index import ENDS_VALUE, IN_REDIS, BlockChain, CachedBlock, make_root
-from alora_core.kvcache.redis_tier import FetchJob, ProbeJob, RedisTier, ValueWrite, WriteJob
+from alora_core.kvcache.redis_jobs import FetchJob, ProbeJob, ValueWrite, WriteJob
+from alora_core.kvcache.redis_tier import RedisTier
 
 
 class RemoteCache:

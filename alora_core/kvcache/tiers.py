@@ -24,7 +24,8 @@ from alora_core.kvcache.conversations import Conversation, ConversationStore
 from alora_core.kvcache.cost_model import CostModel, RestorePolicy
 from alora_core.kvcache.host_tier import HostTier
 from alora_core.kvcache.index import IN_REDIS, CachedBlock, PrefixIndex
-from alora_core.kvcache.redis_tier import FetchJob, RedisTier
+from alora_core.kvcache.redis_jobs import FetchJob
+from alora_core.kvcache.redis_tier import RedisTier
 from alora_core.kvcache.stats import CacheCounters, CacheStats, EvictionReason
 
 RestoreStatus = Literal["ready", "fetching"]
@@ -235,8 +236,11 @@ class TieredCache:
         (self._host_lru_protected if protected else self._host_lru)[hb] = owner
 
     def unpin_host(self, hb: int, owner: HostOwner) -> None:
-        """Back in the host LRU (most recent): `pin_host` took it out while a request plans to use it."""
-        self._host_add(hb, owner)
+        """Back in the host LRU (most recent), unless it was promoted meanwhile: `pin_host` took it
+        out while a request's admission used it (pins never outlive one admission)."""
+        held = owner.host == hb if isinstance(owner, CachedBlock) else owner.host.blocks == [hb]
+        if held:
+            self._host_add(hb, owner)
 
     def pin_host(self, hb: int) -> HostOwner | None:
         """Keep host block hb from eviction until unpinned (None: already pinned)."""

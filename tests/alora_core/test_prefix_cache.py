@@ -230,3 +230,74 @@ def test_hash_collisions_never_give_a_wrong_answer(
         )
         assert result.usage.cached_tokens == cached, (adapter, keys)
         assert_matches(result, oracle, name, prompt)
+
+
+def check_invariants(engine: Engine) -> None:
+    """Where every block is, as the pool, the host tier, the index and the handles each see it."""
+    tiers, pool, host = engine.tiers, engine.pool, engine.tiers.host
+    entries = []
+    for head in engine.index._by_hash.values():
+        while head is not None:
+            entries.append(head)
+            head = head.next
+    assert len(entries) == len(engine.index) and all(e.resident for e in entries)
+    assert tiers.num_device == sum(e.device >= 0 for e in entries)
+    assert tiers.num_host == sum(e.host >= 0 for e in entries)
+    for e in entries:
+        if e.device >= 0:
+            assert tiers.entry_at(e.device) is e and pool.is_cached(e.device)
+    lru = {**tiers._host_lru, **tiers._host_lru_protected}
+    assert len(lru) == len(tiers._host_lru) + len(tiers._host_lru_protected)
+    assert len(lru) + host.num_free == host.num_blocks  # every used host block has one owner
+    assert sorted(host._free) == sorted(set(host._free)) and not set(host._free) & set(lru)
+    for hb, owner in lru.items():
+        assert (owner.host == hb) if hasattr(owner, "hash") else (owner.host.blocks == [hb])
+    with_ref = sum(pool.ref_count(b) > 0 for b in range(pool.num_blocks))
+    assert with_ref + pool.num_free == pool.num_blocks
+    for conv in engine.conversations.lru():
+        for i, block in enumerate(conv.kv.blocks[: len(conv.chain)]):
+            assert conv.chain[i].device == block and pool.ref_count(block) > 0
+        assert all(e.handles > 0 for e in conv.chain)
+
+
+def test_churn_through_every_tier_stays_exact(make_engine: Callable[..., Engine]) -> None:
+    """A small pool, host tier and device budget under a random mix of id-less and conversation
+    requests, base, aLoRA and LoRA, on shared prefixes: every output equals an engine that never
+    evicts, and the tiers' bookkeeping agrees after every request."""
+    import random
+
+    params = SamplingParams(max_tokens=5, ignore_eos=True, return_logits=True)
+    small = make_engine(num_blocks=24, host_cache_bytes=16 * 8192, device_cache_bytes=6 * 8192)
+    reference = make_engine(num_blocks=512)
+    rng = random.Random(5)
+    systems = [random_ids(40, seed=790 + i) for i in range(3)]
+    histories: dict[str, list[int]] = {}
+    for step in range(48):
+        kind = rng.choice(["base", "base", "certainty", "rewrite", "turn", "turn", "conv-intrinsic"])
+        prompt = rng.choice(systems) + random_ids(rng.randint(1, 40), seed=5000 + step)
+        calls = []
+        if kind == "base":
+            calls = [lambda e, p=prompt: e.generate(None, p, params)]
+        elif kind in ("certainty", "rewrite"):
+            context = prompt + (invocation(small, kind) if kind == "certainty" else [])
+            calls = [lambda e, c=context, k=kind: e.intrinsic(k, None, c, params)]
+        elif kind == "turn":
+            conv = f"c{rng.randint(0, 3)}"
+            history = histories.get(conv, rng.choice(systems)) + random_ids(
+                rng.randint(1, 20), seed=6000 + step
+            )
+            calls = [lambda e, conv=conv, h=history: e.generate(conv, h, params)]
+        elif histories:
+            conv = rng.choice(sorted(histories))
+            name = rng.choice(["certainty", "answerability", "rewrite"])
+            calls = [lambda e, conv=conv, name=name: e.intrinsic(name, conv, None, params)]
+        for call in calls:
+            got, want = call(small), call(reference)
+            assert got.token_ids == want.token_ids, (step, kind)
+            torch.testing.assert_close(got.logits, want.logits, atol=3e-5, rtol=0)
+        if kind == "turn":
+            histories[conv] = small.conversation_tokens(conv)
+        check_invariants(small)
+    stats = small.cache_stats()
+    assert stats.demoted_blocks["device->host"] > 0 and stats.hit_tokens["host"] > 0
+    assert stats.dropped_blocks.get("host", 0) > 0  # the host tier filled up too
