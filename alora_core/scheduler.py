@@ -219,6 +219,7 @@ class Scheduler:
                 try:
                     admission = self._start(r)
                 except AloraError as exc:
+                    self._release(r)
                     r.fail(exc)
                     continue
                 if admission == "no_kv":  # not enough KV now: strict FIFO, everything behind it waits too

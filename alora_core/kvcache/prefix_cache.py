@@ -152,31 +152,11 @@ class PrefixCache:
     def restore(self, seq: CachedSequence, found: Lookup, target: int, hits: Counter[str]) -> FetchJob | None:
         """Build seq.table holding [0, target) from the lookup (pinned); the part in Redis comes
         through the returned job (collect it). `hits` counts the tokens each tier gave."""
+        try:
+            self._restore_local(seq, found, target, hits)
+        finally:
+            self.unpin(found)
         bs, table = self.bs, seq.table
-        assert not table.blocks, "restore into an empty table"
-        use = found.entries[: target // bs]
-        promoted = set(self.tiers.promote([e for e in use if e.device < 0]))
-        self.pool.retain([e.device for e in use if e.device not in promoted])
-        table.blocks = [e.device for e in use]
-        table.num_tokens = len(use) * bs
-        chain_of(seq).entries = list(use)
-        hits["host"] += len(promoted) * bs
-        hits["device"] += (len(use) - len(promoted)) * bs
-        if (
-            found.partial is not None
-            and len(use) == len(found.entries)
-            and table.num_tokens < target <= found.local_tokens
-        ):
-            tier, source = found.partial
-            (copy,) = self.pool.allocate(1, after=table.blocks[-1] if table.blocks else None)
-            if tier == "device":
-                self.pool.copy_block(source, copy, target - table.num_tokens)
-            else:
-                self.tiers.host.to_pool([source], self.pool, [copy])
-            table.blocks.append(copy)
-            hits[tier] += target - table.num_tokens
-            table.num_tokens = target
-        self.unpin(found)
         if table.num_tokens >= target or table.num_tokens % bs or self.remote is None:
             return None
         first = len(table.blocks)
@@ -193,6 +173,32 @@ class PrefixCache:
         assert self.tiers.redis is not None
         self.tiers.redis.submit_read(job)
         return job
+
+    def _restore_local(self, seq: CachedSequence, found: Lookup, target: int, hits: Counter[str]) -> None:
+        bs, table = self.bs, seq.table
+        assert not table.blocks, "restore into an empty table"
+        use = found.entries[: target // bs]
+        promoted = set(self.tiers.promote([e for e in use if e.device < 0]))
+        self.pool.retain([e.device for e in use if e.device not in promoted])
+        table.blocks = [e.device for e in use]
+        table.num_tokens = len(use) * bs
+        chain_of(seq).entries = list(use)
+        hits["host"] += len(promoted) * bs
+        hits["device"] += (len(use) - len(promoted)) * bs
+        partial = found.partial
+        if (
+            partial is not None
+            and len(use) == len(found.entries)
+            and table.num_tokens < target <= found.local_tokens
+        ):
+            (copy,) = self.pool.allocate(1, after=table.blocks[-1] if table.blocks else None)
+            if partial[0] == "device":
+                self.pool.copy_block(partial[1], copy, target - table.num_tokens)
+            else:
+                self.tiers.host.to_pool([partial[1]], self.pool, [copy])
+            table.blocks.append(copy)
+            hits[partial[0]] += target - table.num_tokens
+            table.num_tokens = target
 
     def collect(self, seq: CachedSequence, job: FetchJob, hits: Counter[str]) -> bool:
         """A finished fetch's filled blocks join seq.table and the index. False: still in flight."""
