@@ -2,7 +2,7 @@
 
     loop:
         inbox -> waiting                              (bounded: OverloadedError when full)
-        drop cancelled requests                       (blocks freed, conversation restored)
+        drop cancelled requests                       (blocks freed; its conversation never changed)
         admit waiting in FIFO order                   (KV blocks, max_num_seqs, per-conversation order)
         schedule: decodes first (1 token each), then prefill chunks, within max_num_batched_tokens
         out of KV -> demote idle conversation handles' blocks (kvcache.tiers), then preempt the newest
@@ -261,9 +261,8 @@ class Scheduler:
                 prefix.unpin(found)
                 return "fetching"
         bs = self.pool.block_size
-        need = (
-            -(-seq.num_tokens // bs) - found.device_tokens // bs + 1
-        )  # restored blocks come out of this too
+        # blocks to take: all but the device ones it reuses (restored ones come out of this too)
+        need = -(-seq.num_tokens // bs) - found.device_tokens // bs + 1
         if self.pool.num_free < need:
             self.tiers.make_room(need, protect=self._protected(r))
             if self.pool.num_free < need:
