@@ -10,6 +10,7 @@ import pytest
 from alora_core.fixtures import DemoPaths
 from tests.alora_core.conftest import PeftOracle, random_ids
 from tests.alora_core.redis_server import RedisServer
+from tests.ops.conftest import scrape
 from tests.service.test_redis_tier import client as redis_client
 from tests.service.test_redis_tier import serve
 
@@ -108,3 +109,32 @@ def test_a_second_server_finds_a_prefix_the_first_computed(
         )
     finally:
         second.stop()
+
+
+def test_prefix_cache_metrics_by_kind_tier_and_reason(client: httpx.Client) -> None:
+    """Every request counts, by adapter kind; index blocks per tier and evictions per reason are
+    exported with every declared label value (0 until seen)."""
+    before = scrape(client)
+    prompt = random_ids(60, seed=4930)
+    first = post(client, "/intrinsic/rewrite", {"input_ids": prompt})
+    second = post(client, "/intrinsic/rewrite", {"input_ids": prompt})
+    base = post(client, "/generate", {"input_ids": prompt})
+    after = scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    lora = [first, second]
+    assert delta("alora_prefix_cache_kind_queries_total", kind="lora") == sum(
+        r["usage"]["prompt_tokens"] for r in lora
+    )
+    assert delta("alora_prefix_cache_kind_hits_total", kind="lora") == second["usage"]["cached_tokens"] > 0
+    assert delta("alora_prefix_cache_kind_queries_total", kind="base") == base["usage"]["prompt_tokens"]
+    assert delta("alora_prefix_cache_kind_hits_total", kind="base") == base["usage"]["cached_tokens"] == 0
+    assert after.value("alora_prefix_cache_blocks", tier="device") > 0
+    blocks = {s.labels["tier"] for s in after.samples["alora_prefix_cache_blocks"]}
+    evictions = {
+        (s.labels["tier"], s.labels["reason"]) for s in after.samples["alora_prefix_cache_evictions_total"]
+    }
+    assert blocks == {"device", "host"}
+    assert evictions == {(t, r) for t in ("device", "host") for r in ("pressure", "budget", "deleted")}
