@@ -63,16 +63,20 @@ class Settings(BaseSettings):
     )
     device_cache_bytes: ByteSize | None = Field(
         None,
-        description="KV that idle conversations keep in the device pool; beyond it the least recently "
-        "used are demoted to the host tier / Redis. Default: the whole pool.",
+        description="KV that no running request uses (cached blocks, idle conversations) kept in the "
+        "device pool; beyond it the least recently used blocks are demoted to the host tier / Redis. "
+        "Default: the whole pool.",
     )
     host_cache_bytes: ByteSize = Field(
         ByteSize(1 << 30),
-        description="Host tier for conversation caches demoted from the device (pinned memory with "
-        "CUDA), e.g. 8GiB; 0 = none.",
+        description="Host tier for KV blocks demoted from the device (pinned memory with CUDA), "
+        "e.g. 8GiB; 0 = none.",
     )
     max_conversations: int = Field(
-        10_000, ge=1, description="Conversations kept before the oldest is dropped."
+        10_000,
+        ge=1,
+        description="Conversation handles kept before the least recently used is dropped (its KV "
+        "stays cached); requests without a conversation id make none.",
     )
     max_num_seqs: int = Field(
         64, ge=1, le=4096, description="Sequences batched per forward (1 = no batching)."
