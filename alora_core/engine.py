@@ -11,6 +11,8 @@ without a conversation, whatever API it came through; what it computes joins the
                              `start` are shared with base requests and every aLoRA; that block and
                              later ones belong to (adapter, start); the conversation is unchanged
     intrinsic(LoRA, ...):    every position adapted: reuses only that LoRA's own earlier blocks
+    completion(model?, ids): stateless (the OpenAI API): base or adapter on ids, no conversation;
+                             n choices prefill once and fork the prompt's KV at the first sample
 
 KV is shared only within a tenant (the conversation key's namespace, or `tenant=`) and a
 `cache_salt`. Idle blocks are demoted device -> host -> Redis under byte budgets and restored on
@@ -48,7 +50,7 @@ from alora_core.model.coverage import probe
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.model.step_buffers import StepBuffers, paged_kernel_available
 from alora_core.request import Request, RequestHandle, TokenCallback
-from alora_core.sampling import SamplingParams
+from alora_core.sampling import SamplingParams, TokenLogprobs
 from alora_core.scheduler import ModelHandle, Scheduler, SchedulerConfig
 from alora_core.sequence import NO_ACTIVATION, FinishReason
 from alora_core.step import forward
@@ -56,6 +58,7 @@ from alora_core.step import forward
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+ChoiceCallback = Callable[[int, int, TokenLogprobs | None], None]  # (choice index, token, its logprobs)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class GenerationResult:
     queue_s: float = 0.0  # submitted -> admitted (the last admission, after any preemption)
     activation_start: int | None = None  # aLoRA: first adapted position of the context
     logits: torch.Tensor | None = None  # [completion_tokens, V] when params.return_logits
+    logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry when params.logprobs is set
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. when params.prompt_logprobs
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,45 @@ class Engine:
         )
         return self._submit(request)
 
+    def submit_completion(
+        self,
+        adapter_name: str | None,
+        input_ids: list[int],
+        params: SamplingParams | None = None,
+        *,
+        on_sample: ChoiceCallback | None = None,
+        tenant: str | None = None,
+        cache_salt: str | None = None,
+    ) -> "EngineHandle":
+        """A stateless request (what the OpenAI API runs): the base model (adapter_name None) or an
+        adapter on input_ids, reusing the longest cached prefix like any request; no conversation
+        is read or written. An aLoRA's input must contain its invocation. With params.n > 1 the
+        handle's `choices` are the n choices: one prefill, then n - 1 forks of its KV at the first
+        sampling point (choice i samples with seed + i). on_sample gets (choice, token, logprobs)
+        as tokens are sampled; tenant and cache_salt as for submit_generate."""
+        params = params or SamplingParams()
+        adapter = self.adapters.get(adapter_name) if adapter_name is not None else None
+        self._validate(list(input_ids), params)
+        if adapter is not None and adapter.spec.kind == "alora":
+            activation_start(adapter, list(input_ids))
+
+        def request(choice: int, choice_params: SamplingParams) -> Request:
+            callback = functools.partial(on_sample, choice) if on_sample is not None else None
+            return Request(
+                "generate" if adapter is None else "intrinsic",  # without a conversation: nothing to commit
+                None,
+                list(input_ids),
+                choice_params,
+                adapter=adapter,
+                on_sample=callback,
+                tenant=tenant or "",
+                cache_salt=cache_salt,
+            )
+
+        parent = request(0, params)  # keeps n: its first sampling point spawns the others
+        parent.forks = [request(i, params.choice(i)) for i in range(1, params.n)]
+        return self._submit(parent)
+
     def conversation(self, conversation_id: str) -> ConversationInfo:
         self._resume(conversation_id)
         with self.scheduler.state_lock:
@@ -459,6 +503,8 @@ class Engine:
             queue_s=admitted - r.arrival,
             activation_start=seq.activation_start if seq.activation_start != NO_ACTIVATION else None,
             logits=torch.stack(seq.logits) if seq.logits else None,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
         )
 
 
@@ -490,6 +536,8 @@ class EngineHandle(RequestHandle):
     def __init__(self, request: Request, wake: Callable[[], None], engine: Engine) -> None:
         super().__init__(request, wake)
         self._engine = engine
+        # n > 1: every choice, this one first (the others fork from it inside the engine)
+        self.choices: list[EngineHandle] = [self] + [EngineHandle(f, wake, engine) for f in request.forks]
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         request = super().result(timeout)

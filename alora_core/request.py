@@ -11,10 +11,11 @@ from typing import Literal
 from alora_core.kvcache.prefix_cache import Probe
 from alora_core.kvcache.redis_jobs import FetchJob
 from alora_core.lora.registry import ResidentAdapter
-from alora_core.sampling import SamplingParams
+from alora_core.sampling import SamplingParams, TokenLogprobs
 from alora_core.sequence import Sequence
 
 TokenCallback = Callable[[int], None]  # called with each sampled token id, from the scheduler's thread
+SampleCallback = Callable[[int, TokenLogprobs | None], None]  # the same, with the token's logprobs
 
 
 @dataclass(eq=False)
@@ -27,6 +28,9 @@ class Request:
     tenant: str = ""  # KV is shared only within a tenant (and a cache salt)
     cache_salt: str | None = None
     on_token: TokenCallback | None = None
+    on_sample: SampleCallback | None = None  # instead of on_token: token and logprobs (if asked)
+    forks: "list[Request]" = field(default_factory=list)  # n > 1: choices 1..n-1, spawned at the
+    # first sampling point from this request's KV and logits (scheduler._spawn_forks)
     future: "Future[object]" = field(default_factory=Future)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     arrival: float = field(default_factory=time.perf_counter)
@@ -47,6 +51,8 @@ class Request:
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+        for fork in self.forks:  # choices not spawned yet share their parent's fate
+            fork.fail(error)
 
 
 class RequestHandle:

@@ -47,12 +47,13 @@ from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.conversations import Conversation, ConversationStore
 from alora_core.kvcache.index import AdapterKey, BlockChain
-from alora_core.kvcache.prefix_cache import PrefixCache
+from alora_core.kvcache.prefix_cache import Lookup, PrefixCache
 from alora_core.kvcache.tiers import TieredCache
 from alora_core.model.batch import ForwardContext
 from alora_core.request import Request
+from alora_core.sampling import TokenLogprobs
 from alora_core.sequence import NO_ACTIVATION, Sequence
-from alora_core.step import Work, run_step
+from alora_core.step import Work, run_step, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,10 @@ class Scheduler:
             if not r.probe.job.done.is_set():
                 return "fetching"
             r.probed_blocks, r.probe = prefix.probed_blocks(r.probe), None
-        found = prefix.lookup(seq, conv, r.probed_blocks)
+        if r.params.prompt_logprobs is None:
+            found = prefix.lookup(seq, conv, r.probed_blocks)
+        else:  # its prompt rows need logits: it computes them all, reusing nothing
+            found, r.probed_blocks = Lookup([], 0, 0, 0), 0
         if conv is None and r.probed_blocks is None:
             r.probe, r.probed_blocks = prefix.probe(seq, found), 0
             if r.probe is not None:
@@ -393,19 +397,46 @@ class Scheduler:
         for r in self.running:  # blocks filled by this step join the index
             assert r.seq is not None
             self.prefix.register(r.seq)
+        for r in [r for r in self.running if r.forks and r.seq is not None and r.seq.fork_logits is not None]:
+            self._spawn_forks(r)  # after register: the choices share the prompt's indexed blocks
         for r in list(self.running):
             seq = r.seq
             assert seq is not None
             if seq.output and r.first_token_at is None:
                 r.first_token_at = now
-            if r.on_token is not None and len(seq.output) > r.emitted:
-                self._outbox.append(functools.partial(_emit, r, seq.output[r.emitted :]))
+            if (r.on_token is not None or r.on_sample is not None) and len(seq.output) > r.emitted:
+                emit = functools.partial(_emit, r, seq.output[r.emitted :], seq.logprobs[r.emitted :])
+                self._outbox.append(emit)
             r.emitted = len(seq.output)
             if seq.finished:
                 self._finish(r)
                 finished = True
         if finished:
             self.tiers.enforce_budget(self.busy_conversations())
+
+    def _spawn_forks(self, r: Request) -> None:
+        """n > 1: r just sampled its first token. Its other choices fork its prompt's KV (full blocks
+        shared, the partly filled last one copied) and sample their first token from the same
+        logits, so the prompt is computed once. A choice that finds no free block for its copy
+        queues to recompute its prompt instead."""
+        seq = r.seq
+        assert seq is not None and seq.fork_logits is not None
+        logits, seq.fork_logits = seq.fork_logits, None
+        forks, r.forks = r.forks, []
+        for child in forks:
+            child.admitted_at, child.cached_tokens = r.admitted_at, r.cached_tokens
+            if child.cancel_event.is_set():
+                child.fail(RequestCancelledError("request cancelled"))
+                continue
+            try:
+                table = seq.table.fork(len(seq.prompt))
+            except CapacityError:
+                child.seq = seq.fork(child.params, BlockTable(self.pool), self.handle.device)
+                self._waiting.appendleft(child)
+                continue
+            child.seq = seq.fork(child.params, table, self.handle.device)
+            sample_rows(logits[None], [child.seq], self.handle.tokenizer)
+            self.running.append(child)
 
     def _finish(self, r: Request) -> None:
         seq = r.seq
@@ -426,13 +457,15 @@ class Scheduler:
         r.fail(error)
 
 
-def _emit(r: Request, tokens: list[int]) -> None:
-    assert r.on_token is not None
-    for token in tokens:
+def _emit(r: Request, tokens: list[int], logprobs: list[TokenLogprobs]) -> None:
+    for i, token in enumerate(tokens):
         if r.cancel_event.is_set():
             return
         try:
-            r.on_token(token)
+            if r.on_sample is not None:
+                r.on_sample(token, logprobs[i] if i < len(logprobs) else None)
+            elif r.on_token is not None:
+                r.on_token(token)
         except Exception:  # a broken consumer must not stop the engine
             log.exception("on_token callback failed; cancelling its request")
             r.cancel_event.set()

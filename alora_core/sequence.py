@@ -3,6 +3,9 @@
 tokens = prompt + output                      (output grows by one sampled token per step)
 table.num_tokens = positions with KV          (the next step feeds tokens[num_tokens:])
 adapter rows: positions >= activation_start   (0 for a LoRA, the invocation start for an aLoRA)
+
+Sampling state rides along: the logprobs of generated (and, when asked, prompt) tokens, the
+penalty counts, and for an n-choice request the logits its choices fork from.
 """
 
 from dataclasses import dataclass, field
@@ -13,10 +16,25 @@ from transformers import PreTrainedTokenizerBase
 
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.index import BlockChain
-from alora_core.sampling import SamplingParams
+from alora_core.sampling import SamplingParams, TokenLogprobs
 
 FinishReason = Literal["stop", "length"]
 NO_ACTIVATION = 1 << 62  # activation_start of a base request: no position gets an adapter
+
+
+@dataclass
+class PenaltyState:
+    """What the penalties need of one sequence, built on its first penalized sampling step."""
+
+    prompt_mask: torch.Tensor  # [V] bool: ids in the prompt (repetition penalty)
+    output_counts: torch.Tensor  # [V] float32: occurrences of each id in the output so far
+
+    @classmethod
+    def build(cls, prompt: list[int], output: list[int], vocab: int, device: torch.device) -> "PenaltyState":
+        mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        mask[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).float()
+        return cls(mask, counts.to(device))
 
 
 @dataclass
@@ -34,6 +52,16 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None
     chain: BlockChain | None = None  # the KV index's view of its blocks (the scheduler sets it)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1, 2, ... so far
+    penalties: PenaltyState | None = None
+    fork_logits: torch.Tensor | None = None  # n > 1: raw logits [V] of the first sampling point
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Token ids that end the sequence (what min_tokens holds back)."""
+        eos = () if self.params.ignore_eos else self.eos_token_ids
+        return eos + self.params.stop_token_ids
 
     @property
     def tokens(self) -> list[int]:
@@ -52,6 +80,31 @@ class Sequence:
         start = self.table.num_tokens
         return start, min(self.num_tokens, start + budget)
 
+    def prompt_rows(self, start: int, end: int) -> range:
+        """Positions in [start, end) whose logits score the next prompt token (params.prompt_logprobs):
+        position q predicts token q + 1, for q < len(prompt) - 1 not scored yet."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, len(self.prompt_logprobs)), min(end, len(self.prompt) - 1))
+
+    def fork(self, params: SamplingParams, table: BlockTable, device: torch.device) -> "Sequence":
+        """Another choice of this sequence's prompt (n > 1): same context and adapter rows, its own
+        sampling params, generator and output, the KV of `table` (and the index entries of the
+        prompt's full blocks it shares)."""
+        assert self.chain is not None
+        return Sequence(
+            prompt=self.prompt,
+            table=table,
+            params=params,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+            adapter_slot=self.adapter_slot,
+            activation_start=self.activation_start,
+            generator=params.generator(device),
+            chain=self.chain.fork(table.num_tokens // table.pool.block_size),
+            prompt_logprobs=list(self.prompt_logprobs),
+        )
+
     def append(self, token: int, tokenizer: PreTrainedTokenizerBase) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
         self.output.append(token)
@@ -59,7 +112,7 @@ class Sequence:
         if (
             (not p.ignore_eos and token in self.eos_token_ids)
             or token in p.stop_token_ids
-            or (p.stop and self._match_stop_string(tokenizer))
+            or (p.stop and len(self.output) > p.min_tokens and self._match_stop_string(tokenizer))
         ):
             self.finish_reason = "stop"
         elif len(self.output) >= p.max_tokens or self.num_tokens >= self.max_model_len:

@@ -5,7 +5,8 @@
         positions  = concat(arange(start, end))
         slots      = concat(seq.table.slots(start, end))      where each row's K/V goes
         adapter    = slot if position >= activation_start else -1
-        logits for the last row of every sequence that reached its end -> sample -> seq.append
+        logits for the last row of every sequence that reached its end -> sample_rows -> seq.append
+        (+ the rows of prompt positions a prompt_logprobs request scores -> score_prompt_rows)
 
 The scheduler decides which sequences and positions go into each step; this module only runs it.
 """
@@ -17,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.model.batch import ForwardContext, LoraBatch, SeqSpan, StepBatch
 from alora_core.model.step_buffers import StepBuffers
-from alora_core.sampling import sample
-from alora_core.sequence import Sequence
+from alora_core.sampling import TokenLogprobs, apply_penalties, gather_logprobs, sample
+from alora_core.sequence import PenaltyState, Sequence
 
 Work = tuple[Sequence, int, int]  # (sequence, first position to feed, end position)
 
@@ -38,9 +39,13 @@ def build_step_batch(
         slot = -1 if seq.adapter_slot is None else seq.adapter_slot
         adapter_index.append(torch.where(pos >= seq.activation_start, slot, -1))
         spans.append(SeqSpan(row, end - start, end, seq.table.segments(end)))
+        logits_rows += [row + q - start for q in seq.prompt_rows(start, end)]
         if end == seq.num_tokens:
             logits_rows.append(row + end - start - 1)
-    if buffers is not None:  # CUDA: every per-step tensor through one pinned buffer and one copy
+    # the device buffers hold one logits row per sequence: a step that also scores prompt rows
+    # (prompt_logprobs, rare) builds its batch directly (attention then takes the gather path)
+    if buffers is not None and len(logits_rows) <= max(len(spans), buffers.max_seqs):
+        # CUDA: every per-step tensor through one pinned buffer and one copy
         ints = (
             torch.tensor(ids, dtype=torch.long),
             torch.cat(positions),
@@ -83,12 +88,128 @@ def run_step(
     device: torch.device,
 ) -> None:
     """Feed each sequence's [start, end) and sample the next token of those that reached their end."""
+    # the logits rows, in build_step_batch's order: each sequence's scored prompt rows, then its last
+    scored: list[tuple[Sequence, range, int]] = []  # (seq, positions, first logits row)
+    sampling: list[Sequence] = []
+    sample_rows_at: list[int] = []
+    n = 0
+    for seq, start, end in work:
+        positions = seq.prompt_rows(start, end)
+        if positions:
+            scored.append((seq, positions, n))
+            n += len(positions)
+        if end == seq.num_tokens:
+            sampling.append(seq)
+            sample_rows_at.append(n)
+            n += 1
     batch = build_step_batch(work, pool, device, ctx.buffers)
     logits = forward(model, ctx, batch)
-    sampling = [seq for seq, _, end in work if end == seq.num_tokens]
+    assert logits.shape[0] == n
     for seq, _, end in work:
         seq.table.num_tokens = end
-    for seq, row_logits in zip(sampling, logits, strict=True):
+    if scored:
+        score_prompt_rows(logits, scored)
+    if sampling:
+        rows = (
+            logits if len(sample_rows_at) == n else logits[torch.tensor(sample_rows_at, device=logits.device)]
+        )
+        sample_rows(rows, sampling, tokenizer)
+
+
+@torch.inference_mode()
+def score_prompt_rows(logits: torch.Tensor, scored: list[tuple[Sequence, range, int]]) -> None:
+    """prompt_logprobs: row r at position q scores prompt token q + 1 (raw log-softmax, no sampling
+    adjustments, as vLLM). logits [R, V]; one log_softmax / gather / topk over every scored row."""
+    rows = torch.cat([torch.arange(first, first + len(q)) for _, q, first in scored]).to(logits.device)
+    targets = torch.tensor(
+        [seq.prompt[p + 1] for seq, q, _ in scored for p in q], dtype=torch.long, device=logits.device
+    )
+    k = max(seq.params.prompt_logprobs or 0 for seq, _, _ in scored)
+    entries = gather_logprobs(torch.log_softmax(logits[rows].float(), dim=-1), targets, k)
+    at = 0
+    for seq, q, _ in scored:
+        k_seq = seq.params.prompt_logprobs or 0
+        seq.prompt_logprobs += [_top(e, k_seq) for e in entries[at : at + len(q)]]
+        at += len(q)
+
+
+@torch.inference_mode()
+def sample_rows(logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase) -> None:
+    """logits [B, V]: the last position of each of B sequences -> each one's next token, appended.
+
+        raw = logits (float32)                   (issue 17: the grammar mask is applied to raw here)
+        logprobs = log_softmax(raw)              rows that asked for logprobs only
+        adjusted = penalties(bias(min_tokens(raw)))   rows that set any of them only, in place
+        token = argmax(adjusted) for greedy rows (one batched argmax), else sample(row, generator)
+    Per-row Python work is a few tensor ops on [V], never a loop over the vocabulary."""
+    logits = logits.float()
+    for seq, row in zip(seqs, logits, strict=True):
         if seq.params.return_logits:
-            seq.logits.append(row_logits.float().cpu())
-        seq.append(sample(row_logits, seq.params, seq.generator), tokenizer)
+            seq.logits.append(row.detach().clone().cpu())
+        if seq.params.n > 1 and not seq.output:  # its other choices sample from this row (scheduler)
+            seq.fork_logits = row.detach().clone()
+    wants_logprobs = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[wants_logprobs], dim=-1) if wants_logprobs else None
+    _adjust(logits, seqs)
+    tokens = _choose(logits, seqs)
+    entries = {}
+    if raw_logprobs is not None:
+        k = max(seqs[i].params.logprobs or 0 for i in wants_logprobs)
+        chosen = torch.tensor([tokens[i] for i in wants_logprobs], device=logits.device)
+        entries = dict(zip(wants_logprobs, gather_logprobs(raw_logprobs, chosen, k), strict=True))
+    for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+        if i in entries:
+            seq.logprobs.append(_top(entries[i], seq.params.logprobs or 0))
+        if seq.penalties is not None:
+            seq.penalties.output_counts[token] += 1
+        seq.append(token, tokenizer)
+
+
+def _adjust(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """min_tokens, logit_bias, then penalties (vLLM's order), in place on the rows that set them."""
+    penalized: list[int] = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if not p.adjusts_logits:
+            continue
+        row = logits[i]
+        if len(seq.output) < p.min_tokens and seq.stop_ids:
+            row[list(seq.stop_ids)] = float("-inf")
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=row.device)
+            row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=row.device))
+        if p.penalized:
+            if seq.penalties is None:
+                seq.penalties = PenaltyState.build(seq.prompt, seq.output, row.numel(), row.device)
+            penalized.append(i)
+    if penalized:
+        index = torch.tensor(penalized, device=logits.device)
+        states = [seqs[i].penalties for i in penalized]
+        rows = logits[index]
+        apply_penalties(
+            rows,
+            torch.stack([s.prompt_mask for s in states if s is not None]),
+            torch.stack([s.output_counts for s in states if s is not None]),
+            *(
+                torch.tensor([getattr(seqs[i].params, name) for i in penalized], device=logits.device)
+                for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+            ),
+        )
+        logits[index] = rows
+
+
+def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
+    tokens = [0] * len(seqs)
+    if greedy:
+        rows = logits if len(greedy) == len(seqs) else logits[greedy]
+        for i, token in zip(greedy, rows.argmax(dim=-1).tolist(), strict=True):
+            tokens[i] = token
+    for i, seq in enumerate(seqs):
+        if not seq.params.greedy:
+            tokens[i] = sample(logits[i], seq.params, seq.generator)
+    return tokens
+
+
+def _top(entry: TokenLogprobs, k: int) -> TokenLogprobs:
+    return entry if len(entry.top) == k else TokenLogprobs(entry.logprob, entry.rank, entry.top[:k])

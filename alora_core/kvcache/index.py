@@ -103,6 +103,15 @@ class BlockChain:
         self.entries: list[CachedBlock] = []
         self._tokens = bytearray()  # uint32 token ids of the hashed blocks
 
+    def fork(self, blocks: int) -> "BlockChain":
+        """A chain holding this one's first `blocks` blocks (hashes and entries): the view of a
+        sequence that shares those blocks and goes on with other tokens (the choices of n > 1)."""
+        child = BlockChain(self.root, self.block_size, self.adapter)
+        child.hashes = self.hashes[:blocks]
+        child.entries = self.entries[:blocks]
+        child._tokens = self._tokens[: 4 * self.block_size * len(child.hashes)]
+        return child
+
     def adapter_of(self, block: int) -> AdapterKey | None:
         return self.adapter if block >= self.adapted_from else None
 
