@@ -6,6 +6,7 @@ engine call still running.
 """
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ from service.errors import install_error_handlers
 from service.loading import build_engine, load_output_formats, resolve_sources
 from service.metrics import Metrics
 from service.middleware import BodyGuard, Drain, RequestTracking
+from service.openai import routes as openai_routes
 from service.routers import adapters, conversations, generate, health, intrinsic
 from service.runner import EngineRunner
 from service.settings import Settings
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve a base causal LM plus LoRA and Activated-LoRA (aLoRA) adapters ("intrinsics") on reusable
-per-conversation KV caches. Errors always have the body `{"error": {"message", "type", "code"}}`.
-With API keys configured, send `Authorization: Bearer <key>`; conversations are private to a key.
+per-conversation KV caches. Errors always have the body `{"error": {"message", "type", "code"}}`
+(plus OpenAI's `param` on `/v1/...`). With API keys configured, send `Authorization: Bearer <key>`;
+conversations are private to a key. The `/v1` routes speak the OpenAI API in vLLM's shapes.
 """
 
 
@@ -48,7 +51,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     # threads for every request the engine can run or queue, and a few more: past that it answers 429
     runner = EngineRunner(max_concurrent_calls=engine.config.max_num_seqs + engine.config.max_waiting + 16)
-    app.state.service = ServiceState(engine=engine, runner=runner, output_formats=load_output_formats(engine))
+    app.state.service = ServiceState(
+        engine=engine,
+        runner=runner,
+        output_formats=load_output_formats(engine),
+        served_model_names=sources.served_model_names,
+        model_root=sources.model,
+        started=int(time.time()),
+    )
     app.state.metrics.bind(engine, "demo" if sources.demo else sources.model)
     paths = app.openapi()["paths"]  # the route templates, as the middleware labels requests
     app.state.metrics.bind_routes((method.upper(), path) for path in paths for method in paths[path])
@@ -100,7 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     # add_middleware puts each new one outside the previous: tracking is the outermost
     app.add_middleware(BodyGuard, max_bytes=int(settings.max_request_bytes))
     app.add_middleware(RequestTracking, drain=app.state.drain, metrics=app.state.metrics)
-    for module in (generate, intrinsic, adapters, conversations, health):
+    for module in (generate, intrinsic, adapters, conversations, health, openai_routes):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

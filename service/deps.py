@@ -21,6 +21,9 @@ class ServiceState:
     engine: Engine
     runner: EngineRunner
     output_formats: OutputFormats
+    served_model_names: tuple[str, ...] = ("model",)  # the base model's names in the OpenAI API
+    model_root: str | None = None  # its directory (GET /v1/models `root`)
+    started: int = 0  # unix time the model was loaded (`created` of the model cards)
 
 
 def get_state(request: Request) -> ServiceState:

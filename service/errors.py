@@ -2,6 +2,9 @@
 
     {"error": {"message": "...", "type": "invalid_request_error", "code": "invalid_request"}}
 
+On the OpenAI-compatible routes (`/v1/...`) the body also carries OpenAI's `param` (the request
+field at fault, or null), so the openai SDK's error objects are complete.
+
 Engine errors (`alora_core.errors`) carry their HTTP status; the service adds its own few below.
 Request-validation and HTTP-routing errors are mapped to the same shape; anything unexpected is a
 logged 500 that never shows internals.
@@ -32,6 +35,12 @@ ERROR_TYPES = {
     503: "unavailable_error",
 }
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+OPENAI_PREFIX = "/v1/"
+
+
+def is_openai(path: str) -> bool:
+    """An OpenAI-compatible route: its error bodies carry `param`."""
+    return path.startswith(OPENAI_PREFIX)
 
 
 class ServiceError(Exception):
@@ -40,9 +49,10 @@ class ServiceError(Exception):
     status_code: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault (OpenAI's `param`), if one is
 
 
 class UnauthorizedError(ServiceError):
@@ -60,16 +70,38 @@ class InvalidBodyError(ServiceError):
     code = "invalid_request"
 
 
-def error_body(status_code: int, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status_code, "server_error"), "code": code}}
+def error_body(
+    status_code: int, code: str, message: str, *, openai: bool = False, param: str | None = None
+) -> dict[str, Any]:
+    detail: dict[str, Any] = {"message": message, "type": ERROR_TYPES.get(status_code, "server_error")}
+    if openai:
+        detail["param"] = param
+    detail["code"] = code
+    return {"error": detail}
 
 
 def error_response(
-    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    status_code: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    openai: bool = False,
+    param: str | None = None,
 ) -> JSONResponse:
     if status_code == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse(error_body(status_code, code, message), status_code=status_code, headers=headers)
+    body = error_body(status_code, code, message, openai=openai, param=param)
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _validation_param(exc: RequestValidationError) -> str | None:
+    """The first field at fault, dotted (`messages.0.content`), for OpenAI's `param`."""
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if loc and err.get("type") != "json_invalid":
+            return ".".join(loc)
+    return None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -89,23 +121,28 @@ async def _alora_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AloraError | ServiceError)
     retry_after = getattr(exc, "retry_after_s", None)  # overload errors say when to come back
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return error_response(exc.status_code, exc.code, exc.message, headers)
+    openai, param = is_openai(request.url.path), getattr(exc, "param", None)
+    return error_response(exc.status_code, exc.code, exc.message, headers, openai=openai, param=param)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(400, "invalid_request", _validation_message(exc))
+    openai = is_openai(request.url.path)
+    return error_response(
+        400, "invalid_request", _validation_message(exc), openai=openai, param=_validation_param(exc)
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    return error_response(exc.status_code, code, str(exc.detail), openai=is_openai(request.url.path))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal server error (logged)")
+    openai = is_openai(request.url.path)
+    return error_response(500, "internal_error", "internal server error (logged)", openai=openai)
 
 
 class ClientDisconnected(Exception):

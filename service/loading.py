@@ -18,6 +18,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 DEMO_SUBDIR = "demo"
+DEMO_MODEL_NAME = "alora-demo"  # the offline demo's served model name (OpenAI API)
 ADAPTER_CONFIG = "adapter_config.json"
 
 OutputFormats = dict[str, LabelsFormat | NumberFormat | JsonFormat | None]
@@ -28,6 +29,7 @@ class Sources:
     model: str
     adapters: dict[str, Path]
     demo: bool  # the random-weight offline demo
+    served_model_names: tuple[str, ...] = ()  # the base model's names in the OpenAI API
 
 
 def resolve_sources(settings: Settings) -> Sources:
@@ -51,7 +53,14 @@ def resolve_sources(settings: Settings) -> Sources:
                 f"adapter {name!r} is given twice: --adapter {path} and {adapters[name]} in --adapters-dir"
             )
         adapters[name] = path
-    return Sources(model=model, adapters=adapters, demo=demo)
+    served = tuple(settings.served_model_name) or (DEMO_MODEL_NAME if demo else Path(model).name,)
+    clash = sorted(set(served) & set(adapters))
+    if clash:
+        raise AdapterLoadError(
+            f"adapter name(s) {clash} equal a served model name: `model` could not tell them apart "
+            "(rename the adapter or set --served-model-name)"
+        )
+    return Sources(model=model, adapters=adapters, demo=demo, served_model_names=served)
 
 
 def discover_adapters(adapters_dir: Path) -> dict[str, Path]:

@@ -7,9 +7,9 @@ exported as text at GET /metrics. Names are vLLM's with our prefix (`vllm:time_t
     per step     (scheduler thread: InterTokenTimer)   inter-token latency
     per scrape   (EngineCollector, reads the engine)   running / waiting, KV pool and tiers, Redis
 
-Labels stay bounded: `endpoint` (generate | intrinsic), `adapter` (a loaded adapter, `base` for none),
-`tier`, `kind` (base | alora | lora), `finished_reason`, `status` and `reason` (error codes, eviction
-reasons). Never a conversation id or API key.
+Labels stay bounded: `endpoint` (generate | intrinsic | chat | completion), `adapter` (a loaded adapter,
+`base` for none), `tier`, `kind` (base | alora | lora), `finished_reason`, `status` and `reason` (error
+codes, eviction reasons). Never a conversation id or API key.
 """
 
 import json
@@ -29,12 +29,13 @@ from alora_core.step import Work
 from service import package_version
 
 BASE = "base"  # the adapter label of base-model requests
+OPENAI_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 UNKNOWN = "unknown"  # a label value that cannot be read (an error code, an adapter slot)
 
 # Label values known before the first request. Their series are created at start-up (`preset`), so a
 # counter exports 0 from the first scrape, as vLLM's do, and a dashboard panel shows 0, not "No data".
 # A new label value (an endpoint, an error code...) is added here; adapters come with the engine (bind).
-ENDPOINTS = ("generate", "intrinsic")
+ENDPOINTS = ("generate", "intrinsic", "chat", "completion")
 FINISH_REASONS = ("stop", "length")
 REJECTIONS = (  # (status, error code) an engine endpoint can answer (service/errors.py, alora_core/errors.py)
     ("400", "invalid_request"),
@@ -42,6 +43,7 @@ REJECTIONS = (  # (status, error code) an engine endpoint can answer (service/er
     ("404", "not_found"),
     ("404", "unknown_adapter"),
     ("404", "unknown_conversation"),
+    ("404", "model_not_found"),
     ("405", "method_not_allowed"),
     ("409", "conversation_busy"),
     ("413", "request_too_large"),
@@ -97,7 +99,7 @@ def endpoint_of(path: str) -> str | None:
         return "generate"
     if path.startswith("/intrinsic/") or path == "/intrinsics":
         return "intrinsic"
-    return None
+    return OPENAI_ENDPOINTS.get(path)
 
 
 def error_code_of(body: bytes) -> str:
@@ -194,7 +196,9 @@ class Metrics:
         )
         self.registry.register(EngineCollector(engine))
         engine.scheduler.step_observers.append(InterTokenTimer(engine, self.itl))
-        pairs = [("generate", BASE)] + [("intrinsic", a.spec.name) for a in engine.adapters.all()]
+        names = [a.spec.name for a in engine.adapters.all()]
+        pairs = [("generate", BASE)] + [("intrinsic", name) for name in names]
+        pairs += [(endpoint, name) for endpoint in OPENAI_ENDPOINTS.values() for name in (BASE, *names)]
         per_request: list[Histogram | Counter] = [
             self.ttft, self.itl, self.e2e, self.queue, self.prefill, self.decode, self.prompt_len,
             self.generation_len, self.prompt_tokens, self.generation_tokens, self.cached_tokens,
@@ -207,8 +211,9 @@ class Metrics:
         """Once the app's routes are known ((method, route template) pairs): their HTTP counters."""
         preset(self.requests, [(method, route, HTTP_PRESET_STATUS) for method, route in routes])
 
-    def record(self, endpoint: str, result: GenerationResult) -> None:
-        """A finished request (called by its route, once per result)."""
+    def record(self, endpoint: str, result: GenerationResult, count_prompt: bool = True) -> None:
+        """A finished request (called by its route, once per result). count_prompt=False: another
+        choice of an n-choice request, whose prompt was counted with its first choice."""
         labels = (endpoint, result.adapter or BASE)
         usage = result.usage
         self.ttft.labels(*labels).observe(result.ttft_s)
@@ -216,11 +221,12 @@ class Metrics:
         self.queue.labels(*labels).observe(result.queue_s)
         self.prefill.labels(*labels).observe(max(0.0, result.ttft_s - result.queue_s))
         self.decode.labels(*labels).observe(max(0.0, result.total_s - result.ttft_s))
-        self.prompt_len.labels(*labels).observe(usage.prompt_tokens)
         self.generation_len.labels(*labels).observe(usage.completion_tokens)
-        self.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
         self.generation_tokens.labels(*labels).inc(usage.completion_tokens)
-        self.cached_tokens.labels(*labels).inc(usage.cached_tokens)
+        if count_prompt:
+            self.prompt_len.labels(*labels).observe(usage.prompt_tokens)
+            self.prompt_tokens.labels(*labels).inc(usage.prompt_tokens)
+            self.cached_tokens.labels(*labels).inc(usage.cached_tokens)
         self.success.labels(*labels, result.finish_reason).inc()
 
     def record_http(self, method: str, route: str, path: str, status: int, error_body: bytes) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response, is_openai
 from service.metrics import Metrics
 
 DISCARD_LIMIT = 64 << 20  # past this many bytes of an oversized body, answer 413 without reading on
@@ -94,6 +94,7 @@ class BodyGuard:
                 "request_too_large",
                 f"request body is {size}{'+' if more else ''} bytes; the limit is {self.max_bytes} "
                 "(--max-request-bytes)",
+                openai=is_openai(scope["path"]),
             )
             await response(scope, receive, send)
             return
@@ -102,7 +103,10 @@ class BodyGuard:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
             response = error_response(
-                400, "invalid_request", f"request body is not valid UTF-8 (byte {exc.start}: {exc.reason})"
+                400,
+                "invalid_request",
+                f"request body is not valid UTF-8 (byte {exc.start}: {exc.reason})",
+                openai=is_openai(scope["path"]),
             )
             await response(scope, receive, send)
             return

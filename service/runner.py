@@ -4,6 +4,10 @@
                          | per-conversation gate, in arrival order
                          '-- stream(): on_token --call_soon_threadsafe--> asyncio.Queue --> SSE
 
+The OpenAI routes run groups of stateless calls (one per prompt, each with n choices) through
+`call_group` / `stream_group`: the same machinery, with samples tagged by choice and carrying
+their logprobs, and a `Finished` item as each choice ends.
+
 The gate of a conversation: a /generate (or delete) runs alone; intrinsics and lookups run side by
 side, but reach the engine in their arrival order; each call waits for the ones that arrived before
 it and could change what it sees. So simultaneous requests on one conversation each get the answer
@@ -28,12 +32,34 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from alora_core import GenerationResult
-from alora_core.engine import EngineHandle
+from alora_core.engine import ChoiceCallback, EngineHandle
 from alora_core.request import TokenCallback
+from alora_core.sampling import TokenLogprobs
 from service.errors import ClientDisconnected
 
 T = TypeVar("T")
 EngineCall = Callable[[TokenCallback | None], EngineHandle]  # submits one engine request
+ChoiceCall = Callable[[ChoiceCallback | None], EngineHandle]  # the same, samples tagged by choice
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A token of choice `choice`, as it is sampled (with its logprobs when the request asked)."""
+
+    choice: int
+    token: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Choice `choice` has ended: `handle.result()` returns at once (or raises its error)."""
+
+    choice: int
+    handle: EngineHandle
+
+
+StreamItem = Sampled | Finished
 
 
 @dataclass
@@ -45,46 +71,69 @@ class _Gate:
 
 
 class TokenStream:
-    """Tokens of one running call as they are sampled, then its result (or its error)."""
+    """Samples of one or more running calls as they arrive, then their results (or an error)."""
 
-    def __init__(self, task: "asyncio.Task[GenerationResult]", queue: "asyncio.Queue[int | None]") -> None:
-        self._task = task
-        self._queue = queue  # sampled token ids, then None when the call has ended
-        self._head: list[int | None] = []  # an item taken by wait_first, not yet yielded
+    def __init__(
+        self, tasks: "list[asyncio.Task[list[GenerationResult]]]", queue: "asyncio.Queue[StreamItem | None]"
+    ) -> None:
+        self._tasks = tasks
+        self._queue = queue  # Sampled / Finished items, then one None per call once it has ended
+        self._open = len(tasks)
+        self._head: list[StreamItem | None] = []  # an item taken by wait_first, not yet yielded
 
     async def wait_first(self) -> None:
-        """Wait for the first token or the end of the call, and raise the call's error if it failed
+        """Wait for the first token or the end of a call, and raise the call's error if it failed
         before any token (bad input, unknown conversation...): it can still become an HTTP status."""
         item = await self._queue.get()
         self._head.append(item)
         if item is None:
-            self._task.result()
+            for task in self._tasks:
+                if task.done():
+                    task.result()
+
+    async def items(self) -> AsyncIterator[list[StreamItem]]:
+        """Each batch: the items that arrived since the previous one (at least one)."""
+        while self._open:
+            item = self._head.pop() if self._head else await self._queue.get()
+            batch: list[StreamItem] = []
+            while True:
+                if item is None:
+                    self._open -= 1
+                else:
+                    batch.append(item)
+                if not self._open or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                yield batch
 
     async def chunks(self) -> AsyncIterator[list[int]]:
-        """Each chunk: the tokens that arrived since the previous one (at least one)."""
-        while True:
-            item = self._head.pop() if self._head else await self._queue.get()
-            if item is None:
-                return
-            chunk = [item]
-            while not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    yield chunk
-                    return
-                chunk.append(nxt)
-            yield chunk
+        """Native streams (one call, one choice): each chunk, the tokens since the previous one."""
+        async for batch in self.items():
+            tokens = [item.token for item in batch if isinstance(item, Sampled)]
+            if tokens:
+                yield tokens
+
+    async def results(self) -> list[list[GenerationResult]]:
+        """Each call's choices' results once all have ended (raises the first error, and then
+        cancels the calls still running)."""
+        try:
+            return list(await asyncio.gather(*self._tasks))
+        except BaseException:
+            self.cancel()
+            raise
 
     async def result(self) -> GenerationResult:
-        """The call's result once it has ended (raises its error)."""
-        return await self._task
+        """The result of a native stream's one call (raises its error)."""
+        return (await self.results())[0][0]
 
     def cancel(self) -> None:
-        """The consumer went away: stop the engine request (no-op once it has ended)."""
-        self._task.cancel()
+        """The consumer went away: stop the engine requests (no-op for those that have ended)."""
+        for task in self._tasks:
+            task.cancel()
 
     def done(self) -> bool:
-        return self._task.done()
+        return all(task.done() for task in self._tasks)
 
 
 class EngineRunner:
@@ -92,7 +141,7 @@ class EngineRunner:
         """max_concurrent_calls: worker threads for engine calls, at least what the engine can batch
         and queue, so that its own backpressure (429) is what callers meet, not a hidden queue here."""
         self._gates: dict[str, _Gate] = {}
-        self._tasks: set[asyncio.Task[GenerationResult]] = set()
+        self._tasks: set[asyncio.Task[list[GenerationResult]]] = set()
         self._threads = anyio.CapacityLimiter(max_concurrent_calls)
 
     async def run(self, key: str, exclusive: bool, fn: Callable[[], T]) -> T:
@@ -105,31 +154,48 @@ class EngineRunner:
     ) -> GenerationResult:
         """Run fn (no streaming) behind conversation `key`'s gate (None: no conversation). With the
         HTTP `request`, a client disconnect cancels the engine request (raises ClientDisconnected)."""
-        task = self._start(key, exclusive, fn, None)
-        if request is None:
-            return await asyncio.shield(task)
-        watcher = asyncio.create_task(_disconnected(request))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if not task.done():
-            task.cancel()
-            raise ClientDisconnected()
-        return task.result()
+        task = self._start(key, exclusive, lambda: fn(None))
+        return (await self._await([task], request))[0][0]
 
     def stream(self, key: str | None, exclusive: bool, fn: EngineCall) -> TokenStream:
         """Start fn behind conversation `key`'s gate; its tokens arrive on the returned stream."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[int | None] = asyncio.Queue()
+        queue: asyncio.Queue[StreamItem | None] = asyncio.Queue()
 
         def on_token(token: int) -> None:  # engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, token)
+            loop.call_soon_threadsafe(queue.put_nowait, Sampled(0, token))
 
-        task = self._start(key, exclusive, fn, on_token)
-        # runs after every put scheduled by the thread: its result reaches the loop after them
-        task.add_done_callback(lambda _: queue.put_nowait(None))
-        return TokenStream(task, queue)
+        return self._stream([self._start(key, exclusive, lambda: fn(on_token))], queue)
+
+    async def call_group(
+        self, calls: list[ChoiceCall], request: Request | None = None
+    ) -> list[list[GenerationResult]]:
+        """Run stateless calls (no conversation) side by side, no streaming: each call's choices'
+        results. The first error cancels the others; a client disconnect cancels them all."""
+        return await self._await([self._start(None, False, lambda c=c: c(None)) for c in calls], request)
+
+    def stream_group(self, calls: list[ChoiceCall], choices_per_call: int = 1) -> TokenStream:
+        """Start stateless calls side by side; the items of call k's choice c are tagged with choice
+        k * choices_per_call + c, and each choice's end arrives as a Finished item."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamItem | None] = asyncio.Queue()
+
+        def put(item: StreamItem) -> None:  # engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def submit(k: int, call: ChoiceCall) -> EngineHandle:
+            base = k * choices_per_call
+
+            def on_sample(choice: int, token: int, logprobs: TokenLogprobs | None) -> None:
+                put(Sampled(base + choice, token, logprobs))
+
+            handle = call(on_sample)
+            for c, choice in enumerate(handle.choices):  # after the choice's tokens (same FIFO)
+                choice.add_done_callback(lambda _, c=c, choice=choice: put(Finished(base + c, choice)))
+            return handle
+
+        tasks = [self._start(None, False, lambda k=k, c=c: submit(k, c)) for k, c in enumerate(calls)]
+        return self._stream(tasks, queue)
 
     async def wait_idle(self) -> None:
         """Wait for every running call (shutdown)."""
@@ -140,29 +206,63 @@ class EngineRunner:
     def running(self) -> int:
         return len(self._tasks)
 
+    def _stream(
+        self, tasks: "list[asyncio.Task[list[GenerationResult]]]", queue: "asyncio.Queue[StreamItem | None]"
+    ) -> TokenStream:
+        for task in tasks:  # runs after every put scheduled by the thread: the end reaches the loop last
+            task.add_done_callback(lambda _: queue.put_nowait(None))
+        return TokenStream(tasks, queue)
+
+    async def _await(
+        self, tasks: "list[asyncio.Task[list[GenerationResult]]]", request: Request | None
+    ) -> list[list[GenerationResult]]:
+        """All the tasks' results; the first error cancels the others; a disconnect cancels all."""
+        gathered = asyncio.gather(*tasks)
+        try:
+            if request is None:
+                return list(await asyncio.shield(gathered))
+            watcher = asyncio.create_task(_disconnected(request))
+            try:
+                await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            if not gathered.done():
+                raise ClientDisconnected()
+            return list(gathered.result())
+        except asyncio.CancelledError:
+            if request is not None:
+                for task in tasks:
+                    task.cancel()
+            raise  # without a request to watch, the calls outlive their waiter (shielded)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
     def _start(
-        self, key: str | None, exclusive: bool, fn: EngineCall, on_token: TokenCallback | None
-    ) -> "asyncio.Task[GenerationResult]":
-        task = asyncio.create_task(self._gated(key, exclusive, fn, on_token))
+        self, key: str | None, exclusive: bool, submit: Callable[[], EngineHandle]
+    ) -> "asyncio.Task[list[GenerationResult]]":
+        task = asyncio.create_task(self._gated(key, exclusive, submit))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
         return task
 
-    def _finished(self, task: "asyncio.Task[GenerationResult]") -> None:
+    def _finished(self, task: "asyncio.Task[list[GenerationResult]]") -> None:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # mark it retrieved: the route that awaited it may be gone
 
     async def _gated(
-        self, key: str | None, exclusive: bool, fn: EngineCall, on_token: TokenCallback | None
-    ) -> GenerationResult:
+        self, key: str | None, exclusive: bool, submit: Callable[[], EngineHandle]
+    ) -> list[GenerationResult]:
         async with self._gate(key, exclusive) as gate:
             async with gate.submitting if gate is not None else nullcontext():  # FIFO (asyncio.Lock)
-                handle = await anyio.to_thread.run_sync(fn, on_token, limiter=self._threads)
+                handle = await anyio.to_thread.run_sync(submit, limiter=self._threads)
             try:
-                return await _finished(handle)
-            except asyncio.CancelledError:
-                handle.cancel()  # the engine frees its blocks within one step
+                return [await _finished(choice) for choice in handle.choices]
+            except BaseException:  # cancelled, or a choice failed: stop every choice
+                for choice in handle.choices:
+                    choice.cancel()  # the engine frees its blocks within one step
                 raise
 
     @asynccontextmanager

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service import package_version
 
 ENV_PREFIX = "ALORA_"
-REPEATABLE = frozenset({"adapter", "api_key"})  # flags given once per value
+REPEATABLE = frozenset({"adapter", "api_key", "served_model_name"})  # flags given once per value
 
 
 class Settings(BaseSettings):
@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         False,
         description="Run the model repository's own Python code (custom architectures); the start-up "
         "probe checks it like any other model.",
+    )
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Name of the base model in the OpenAI API (`model` of /v1 requests, GET /v1/models); "
+        "repeatable, the first is the one responses and adapter cards name. Default: the model "
+        "directory's name (`alora-demo` for the offline demo).",
     )
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 to listen on every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
@@ -131,11 +137,21 @@ class Settings(BaseSettings):
             adapters[name.strip()] = path.strip()
         return adapters
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "served_model_name", mode="before")
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or len(name) > 256 or any(c.isspace() for c in name):
+                raise ValueError(f"served model name {name!r} must be 1-256 characters without spaces")
+        if len(set(value)) != len(value):
+            raise ValueError(f"served model names {value} repeat a name")
         return value
 
     def api_keys(self) -> list[str]:
@@ -177,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, info in Settings.model_fields.items():
         help_text = f"{info.description} [env {env_var(name)}]"
         if name in REPEATABLE:
-            metavar = "NAME=PATH" if name == "adapter" else "KEY"
+            metavar = {"adapter": "NAME=PATH", "api_key": "KEY"}.get(name, "NAME")
             parser.add_argument(flag(name), dest=name, action="append", metavar=metavar, help=help_text)
         elif info.annotation is bool:  # a switch: present = true (the env var takes true / false)
             parser.add_argument(flag(name), dest=name, action="store_const", const=True, help=help_text)

@@ -38,8 +38,11 @@ def sse(payload: dict[str, Any]) -> str:
 class IncrementalText:
     """Detokenizes a growing token list into text deltas (the prefix/read-offset window method)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: list[str], skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._tokens: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -71,7 +74,19 @@ class IncrementalText:
         return delta
 
     def _decode(self, tokens: list[int]) -> str:
-        return str(self._tokenizer.decode(tokens, skip_special_tokens=True))
+        return str(self._tokenizer.decode(tokens, skip_special_tokens=self._skip_special_tokens))
+
+    def flush(self) -> str:
+        """The rest once no token follows: text held back (an incomplete character at the end, or
+        the tail that could have started a stop string), up to a stop string seen."""
+        if self._stopped:
+            return ""
+        full = self._decode(self._tokens[self._prefix_offset :])
+        prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        rest = self._pending + full[len(prefix) :] if full.startswith(prefix) else self._pending
+        self._pending = ""
+        self.released += rest
+        return rest
 
     def _stop_position(self) -> int | None:
         """Where the first stop string starts in the text so far (the engine's rule), if anywhere."""

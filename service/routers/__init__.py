@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from service.schemas import ErrorResponse
 
 _DESCRIPTIONS = {
@@ -16,6 +18,9 @@ _DESCRIPTIONS = {
 }
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(
+    *codes: int, model: type[BaseModel] = ErrorResponse, descriptions: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can return (all with the one error body)."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+    text = {**_DESCRIPTIONS, **(descriptions or {})}
+    return {code: {"model": model, "description": text[code]} for code in codes}

@@ -24,6 +24,7 @@ class FakeHandle:
     def __init__(self, work: Callable[[], Any]) -> None:
         self._future: Future[Any] = Future()
         self.cancelled = threading.Event()
+        self.choices = [self]  # one choice (EngineHandle.choices)
         threading.Thread(target=self._complete, args=(work,), daemon=True).start()
 
     def _complete(self, work: Callable[[], Any]) -> None:
