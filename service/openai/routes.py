@@ -88,7 +88,7 @@ async def list_models(state: StateDep, tenant: TenantDep) -> ModelList:
 @router.get(
     "/v1/models/{model}",
     response_model=ModelCard,
-    responses=openai_errors(401, 404),
+    responses=openai_errors(400, 401, 404),
     summary="One model card",
 )
 async def retrieve_model(
