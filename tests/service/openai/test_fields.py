@@ -46,7 +46,7 @@ def repetitive_prompt(oracle: PeftOracle) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "case", ["repetition", "presence_frequency", "logit_bias", "min_tokens_stop_ids", "all_on_an_alora"]
+    "case", ["repetition", "presence", "frequency", "logit_bias", "min_tokens_stop_ids", "all_on_an_alora"]
 )
 def test_sampling_fields_equal_transformers_processors(
     sdk: openai.OpenAI, openai_server: ServerProcess, oracle: PeftOracle, case: str
@@ -55,9 +55,10 @@ def test_sampling_fields_equal_transformers_processors(
     plain_fields: dict = {"ignore_eos": True}
     if case == "repetition":
         fields, processors = {"repetition_penalty": 1.8}, [RepetitionPenaltyLogitsProcessor(1.8)]
-    elif case == "presence_frequency":
-        fields = {"presence_penalty": 1.2, "frequency_penalty": 1.5}
-        processors = [OpenAIPenalties(len(prompt), 1.2, 1.5)]
+    elif case == "presence":
+        fields, processors = {"presence_penalty": 2.0}, [OpenAIPenalties(len(prompt), 2.0, 0.0)]
+    elif case == "frequency":
+        fields, processors = {"frequency_penalty": 1.5}, [OpenAIPenalties(len(prompt), 0.0, 1.5)]
     elif case == "logit_bias":
         first = oracle.generate(None, prompt, 1)[0][0]
         bias = {first: -100.0, 77: 4.0, 123: 2.5}

@@ -97,6 +97,22 @@ def test_full_queue_is_429_rate_limit_error(one_slot: InProcessServer) -> None:
     assert not queued.is_alive()
 
 
+def test_a_client_that_goes_away_cancels_its_request(one_slot: InProcessServer) -> None:
+    client = openai.OpenAI(base_url=f"{one_slot.url}/v1", api_key="EMPTY", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):  # 3000 tokens take far longer than a second
+        client.completions.create(
+            model="model",
+            prompt=random_ids(8, seed=1802),
+            max_tokens=3000,
+            n=2,
+            extra_body={"ignore_eos": True},
+        )
+    deadline = time.monotonic() + 20
+    while one_slot.engine.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not one_slot.engine.scheduler.running  # both choices stopped within a few steps
+
+
 def test_error_after_the_first_chunk_then_503(one_slot: InProcessServer) -> None:
     """Runs last in this module: it stops the engine."""
     client = one_slot.sdk()

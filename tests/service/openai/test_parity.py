@@ -110,3 +110,22 @@ def test_chat_logprobs_are_the_oracle_log_softmax_and_spell_the_text(
     assert spelled == choice.message.content or (
         choice.finish_reason == "stop" and spelled == choice.message.content + eos
     )
+
+
+def test_the_token_that_ends_a_choice_is_shown_as_itself(
+    sdk: openai.OpenAI, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    eos = tokenizer.eos_token_id
+    response = sdk.chat.completions.create(
+        model=SERVED,
+        messages=[{"role": "user", "content": "Say two words."}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        extra_body={"min_tokens": 2, "logit_bias": {str(eos): 100}},  # ends right after min_tokens
+    )
+    choice = response.choices[0]
+    tokens = [e.token for e in choice.logprobs.content]
+    assert choice.finish_reason == "stop" and len(tokens) == 3
+    assert tokens[-1] == tokenizer.eos_token  # as vLLM shows it
+    assert "".join(tokens[:-1]) == choice.message.content
