@@ -88,7 +88,8 @@ class TokenStream:
         self._head.append(item)
         if item is None:
             for task in self._tasks:
-                if task.done():
+                if task.done() and (task.cancelled() or task.exception() is not None):
+                    self.cancel()  # the other calls of the group are of no use any more
                     task.result()
 
     async def items(self) -> AsyncIterator[list[StreamItem]]:
@@ -218,6 +219,7 @@ class EngineRunner:
     ) -> list[list[GenerationResult]]:
         """All the tasks' results; the first error cancels the others; a disconnect cancels all."""
         gathered = asyncio.gather(*tasks)
+        gathered.add_done_callback(_retrieved)  # its error may have no reader once we stop waiting
         try:
             if request is None:
                 return list(await asyncio.shield(gathered))
@@ -306,6 +308,11 @@ async def _finished(handle: EngineHandle) -> GenerationResult:
     handle.add_done_callback(wake)
     await done
     return handle.result()
+
+
+def _retrieved(future: "asyncio.Future[object]") -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _disconnected(request: Request) -> None:

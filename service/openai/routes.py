@@ -14,10 +14,18 @@ from fastapi.responses import StreamingResponse
 
 from alora_core import GenerationResult
 from alora_core.engine import ChoiceCallback, EngineHandle
-from alora_core.sampling import TokenLogprobs
 from service import package_version
 from service.deps import MetricsDep, StateDep, TenantDep
 from service.errors import InvalidBodyError
+from service.openai.assemble import (
+    EchoParts,
+    Meta,
+    Prompts,
+    Results,
+    chat_body,
+    completion_body,
+    usage_of,
+)
 from service.openai.convert import (
     ADAPTER_KWARG,
     ModelNotFoundError,
@@ -33,23 +41,14 @@ from service.openai.convert import (
 )
 from service.openai.logprobs import (
     TokenStrings,
-    chat_logprobs,
-    completion_logprobs,
-    prompt_logprobs,
-    token_strings,
 )
 from service.openai.protocol import ChatCompletionRequest, CompletionRequest
 from service.openai.responses import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionResponse,
-    CompletionChoice,
     CompletionResponse,
     ModelCard,
     ModelList,
     OpenAIErrorResponse,
-    PromptTokensDetails,
-    UsageInfo,
     VersionInfo,
 )
 from service.openai.stream import Chunks, chat_events, completion_events
@@ -126,21 +125,6 @@ def model_cards(state: Any) -> list[ModelCard]:
     return base + adapters
 
 
-def usage_of(
-    prompts: list[list[int]], results: list[list[GenerationResult]], echo_only: bool = False
-) -> UsageInfo:
-    """Prompt tokens once per prompt, completion tokens of every choice, cached tokens per prompt."""
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = 0 if echo_only else sum(len(r.token_ids) for choices in results for r in choices)
-    cached = sum(choices[0].usage.cached_tokens for choices in results)
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion,
-        total_tokens=prompt_tokens + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    )
-
-
 def record(metrics: Any, endpoint: str, results: list[list[GenerationResult]]) -> None:
     for choices in results:
         for i, result in enumerate(choices):
@@ -176,69 +160,38 @@ async def create_chat_completion(
         # KV index (issue 15): tenant.id and body.cache_salt salt this request's prefix-cache keys
         return engine.submit_completion(target.adapter, prompt, params, on_sample=on_sample)
 
-    response_id = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
-    created = int(time.time())
-    strings = TokenStrings(engine.tokenizer)
-    if body.stream:
-        stream = state.runner.stream_group([submit], body.n)
-        await stream.wait_first()  # an error before the first token is still a plain HTTP error
-        extra = {"prompt_token_ids": list(prompt)} if body.return_token_ids else {}
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-        def usage(results: list[list[GenerationResult]]) -> dict[str, Any]:
-            record(metrics, "chat", results)
-            return usage_of([prompt], results).model_dump()
-
-        events = chat_events(
-            stream,
-            Chunks(response_id, "chat.completion.chunk", created, target.response_model, extra),
-            body.n,
-            lambda: IncrementalText(engine.tokenizer, body.stop_strings()),
-            strings if logprobs is not None else None,
-            (lambda: strings.stepper(ending_ids(engine, body))) if logprobs is not None else None,
-            bool(body.return_token_ids),
-            usage if include_usage else _recording(metrics, "chat"),
-        )
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-
-    results = await state.runner.call_group([submit], request)
-    record(metrics, "chat", results)
-    choices = []
-    for index, result in enumerate(results[0]):
-        choice_logprobs = None
-        if logprobs is not None:
-            texts = token_strings(strings.stepper(ending_ids(engine, body)), result.token_ids)
-            choice_logprobs = chat_logprobs(strings, texts, result.logprobs or [])
-        choices.append(
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content=result.text),
-                logprobs=choice_logprobs,
-                finish_reason=result.finish_reason,
-                token_ids=result.token_ids if body.return_token_ids else None,
-            )
-        )
-    first = results[0][0]
-    return ChatCompletionResponse(
-        id=response_id,
-        created=created,
+    meta = Meta(
+        id=f"chatcmpl-{body.request_id or uuid.uuid4().hex}",
+        created=int(time.time()),
         model=target.response_model,
-        choices=choices,
-        usage=usage_of([prompt], results),
-        prompt_token_ids=prompt if body.return_token_ids else None,
-        prompt_logprobs=prompt_logprobs(strings, prompt, first.prompt_logprobs or [])
-        if body.prompt_logprobs is not None
-        else None,
+        strings=TokenStrings(engine.tokenizer),
+        ending_ids=tuple(ending_ids(engine, body)),
     )
+    if not body.stream:
+        results = await state.runner.call_group([submit], request)
+        record(metrics, "chat", results)
+        return chat_body(body, meta, prompt, results)
 
+    stream = state.runner.stream_group([submit], body.n)
+    await stream.wait_first()  # an error before the first token is still a plain HTTP error
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-def _recording(metrics: Any, endpoint: str) -> Any:
-    """A usage callback that only records the metrics (no usage chunk asked)."""
+    def usage(results: Results) -> dict[str, Any] | None:
+        record(metrics, "chat", results)
+        return usage_of([prompt], results).model_dump() if include_usage else None
 
-    def record_only(results: list[list[GenerationResult]]) -> None:
-        record(metrics, endpoint, results)
-
-    return record_only
+    extra = {"prompt_token_ids": list(prompt)} if body.return_token_ids else {}
+    events = chat_events(
+        stream,
+        Chunks(meta.id, "chat.completion.chunk", meta.created, meta.model, extra),
+        body.n,
+        lambda: IncrementalText(engine.tokenizer, body.stop_strings()),
+        meta.strings if logprobs is not None else None,
+        (lambda: meta.strings.stepper(meta.ending_ids)) if logprobs is not None else None,
+        bool(body.return_token_ids),
+        usage,
+    )
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @router.post(
@@ -261,112 +214,60 @@ async def create_completion(
         raise InvalidBodyError("echo with logprobs is not available with stream: true", param="echo")
     engine_prompt_k = _max(body.prompt_logprobs, k if body.echo else None)
     forms = prompt_forms(body)
-    prompts: list[tuple[list[int], str | None]] = [([], None)] * len(forms)  # filled by each submit
+    prompts = Prompts(engine.tokenizer, len(forms))  # filled by each submit
 
     def submit_prompt(index: int) -> ChoiceCall:
         def submit(on_sample: ChoiceCallback | None) -> EngineHandle:
-            ids = encode_prompt(engine.tokenizer, forms[index], body.add_special_tokens)
-            prompts[index] = (ids, forms[index] if isinstance(forms[index], str) else None)
-            new = (
-                1 if echo_only else max_tokens(body.max_tokens, len(ids), engine.max_model_len, "max_tokens")
+            form = forms[index]
+            prompts.ids[index] = ids = encode_prompt(engine.tokenizer, form, body.add_special_tokens)
+            prompts.texts[index] = form if isinstance(form, str) else None
+            room = max_tokens(body.max_tokens, len(ids), engine.max_model_len, "max_tokens")
+            params = sampling_params(
+                body, max_new=1 if echo_only else room, logprobs=k, prompt_logprobs=engine_prompt_k
             )
-            params = sampling_params(body, max_new=new, logprobs=k, prompt_logprobs=engine_prompt_k)
             # KV index (issue 15): tenant.id and body.cache_salt salt this request's prefix-cache keys
             return engine.submit_completion(target.adapter, ids, params, on_sample=on_sample)
 
         return submit
 
     calls = [submit_prompt(i) for i in range(len(forms))]
-    response_id = f"cmpl-{body.request_id or uuid.uuid4().hex}"
-    created = int(time.time())
-    strings = TokenStrings(engine.tokenizer)
-
-    def echo_text(index: int) -> str:
-        ids, text = prompts[index]
-        return text if text is not None else str(engine.tokenizer.decode(ids, skip_special_tokens=False))
-
-    def echo_parts(
-        index: int, result: GenerationResult | None
-    ) -> tuple[str, list[int], list[str], list[Any]]:
-        """(text, ids, token strings, logprob entries) of prompt `index` as echo prepends them."""
-        ids, _ = prompts[index]
-        if k is None or result is None:
-            return echo_text(index), ids, [], []
-        texts = token_strings(strings.stepper((), skip_special_tokens=False), ids)
-        entries = [None, *(_trim(e, k) for e in result.prompt_logprobs or [])]
-        return echo_text(index), ids, texts, entries
-
-    if body.stream:
-        stream = state.runner.stream_group(calls, body.n)
-        await stream.wait_first()
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-        def echo(choice: int) -> tuple[str, list[int], list[str], list[Any]]:
-            return echo_parts(choice // body.n, None)  # streamed: text only (logprobs refused above)
-
-        def usage(results: list[list[GenerationResult]]) -> dict[str, Any]:
-            record(metrics, "completion", results)
-            return usage_of([p for p, _ in prompts], results, echo_only).model_dump()
-
-        events = completion_events(
-            stream,
-            Chunks(response_id, "text_completion", created, target.response_model),
-            len(prompts) * body.n,
-            lambda: IncrementalText(engine.tokenizer, body.stop_strings()),
-            strings if k is not None else None,
-            (lambda: strings.stepper(ending_ids(engine, body))) if k is not None else None,
-            bool(body.return_token_ids),
-            usage if include_usage else _recording(metrics, "completion"),
-            echo if body.echo else None,
-            echo_only,
-        )
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-
-    results = await state.runner.call_group(calls, request)
-    record(metrics, "completion", results)
-    choices = []
-    for p, choice_results in enumerate(results):
-        ids, _ = prompts[p]
-        for c, result in enumerate(choice_results):
-            tokens = [] if echo_only else result.token_ids
-            text = "" if echo_only else result.text
-            texts: list[str] = []
-            entries: list[Any] = []
-            if body.echo:
-                _, _, texts, entries = echo_parts(p, result)
-                text = echo_text(p) + text
-            choice_logprobs = None
-            if k is not None:
-                out = token_strings(strings.stepper(ending_ids(engine, body)), tokens)
-                own = [] if echo_only else list(result.logprobs or [])
-                choice_logprobs = completion_logprobs(strings, texts + out, entries + own)
-            choices.append(
-                CompletionChoice(
-                    index=p * body.n + c,
-                    text=text,
-                    logprobs=choice_logprobs,
-                    finish_reason="length" if echo_only else result.finish_reason,
-                    prompt_logprobs=prompt_logprobs(
-                        strings, ids, [_trim(e, body.prompt_logprobs) for e in result.prompt_logprobs or []]
-                    )
-                    if body.prompt_logprobs is not None
-                    else None,
-                    prompt_token_ids=ids if body.return_token_ids else None,
-                    token_ids=tokens if body.return_token_ids else None,
-                )
-            )
-    return CompletionResponse(
-        id=response_id,
-        created=created,
+    meta = Meta(
+        id=f"cmpl-{body.request_id or uuid.uuid4().hex}",
+        created=int(time.time()),
         model=target.response_model,
-        choices=choices,
-        usage=usage_of([p for p, _ in prompts], results, echo_only),
+        strings=TokenStrings(engine.tokenizer),
+        ending_ids=tuple(ending_ids(engine, body)),
     )
+    if not body.stream:
+        results = await state.runner.call_group(calls, request)
+        record(metrics, "completion", results)
+        return completion_body(body, meta, prompts, results)
+
+    stream = state.runner.stream_group(calls, body.n)
+    await stream.wait_first()
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def usage(results: Results) -> dict[str, Any] | None:
+        record(metrics, "completion", results)
+        return usage_of(prompts.ids, results, echo_only).model_dump() if include_usage else None
+
+    def echo(choice: int) -> EchoParts:  # streamed: text only (echo with logprobs is refused above)
+        return prompts.echo(choice // body.n, meta.strings, None, None)
+
+    events = completion_events(
+        stream,
+        Chunks(meta.id, "text_completion", meta.created, meta.model),
+        len(forms) * body.n,
+        lambda: IncrementalText(engine.tokenizer, body.stop_strings()),
+        meta.strings if k is not None else None,
+        (lambda: meta.strings.stepper(meta.ending_ids)) if k is not None else None,
+        bool(body.return_token_ids),
+        usage,
+        echo if body.echo else None,
+        echo_only,
+    )
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _max(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else max(a, b)
-
-
-def _trim(entry: TokenLogprobs, k: int | None) -> TokenLogprobs:
-    return entry if k is None else TokenLogprobs(entry.logprob, entry.rank, entry.top[:k])

@@ -52,7 +52,7 @@ class Chunks:
         return sse({**body, "choices": choices, **more})
 
 
-Usage = Callable[[list[list[GenerationResult]]], dict[str, Any]]
+Usage = Callable[[list[list[GenerationResult]]], dict[str, Any] | None]  # None: no usage chunk
 
 
 async def chat_events(
@@ -63,7 +63,7 @@ async def chat_events(
     strings: TokenStrings | None,
     make_stepper: Callable[[], TokenStepper] | None,
     return_token_ids: bool,
-    usage: Usage | None,
+    usage: Usage,
 ) -> AsyncIterator[str]:
     states = [ChoiceState(make_text(), make_stepper() if make_stepper else None) for _ in range(n)]
 
@@ -111,7 +111,7 @@ async def completion_events(
     strings: TokenStrings | None,
     make_stepper: Callable[[], TokenStepper] | None,
     return_token_ids: bool,
-    usage: Usage | None,
+    usage: Usage,
     echo: Callable[[int], tuple[str, list[int], list[str], list[TokenLogprobs | None]]] | None,
     drop_output: bool,
 ) -> AsyncIterator[str]:
@@ -167,7 +167,7 @@ async def _events(
     stream: TokenStream,
     delta: Callable[[int, list[int], list[TokenLogprobs | None]], Any],
     finish: Callable[[int, GenerationResult], Any],
-    usage: Usage | None,
+    usage: Usage,
     chunks: Chunks,
 ) -> AsyncIterator[str]:
     """The choices' chunks as samples arrive (grouped per choice, in arrival order), then usage."""
@@ -209,6 +209,7 @@ async def _events(
         yield sse(error_body(exc.status_code, exc.code, exc.message, openai=True))
         yield DONE
         return
-    if usage is not None:
-        yield chunks.chunk([], usage=usage(results))
+    totals = usage(results)
+    if totals is not None:
+        yield chunks.chunk([], usage=totals)
     yield DONE
