@@ -9,7 +9,15 @@ fields are in convert.check_request, so each error names its field). Types are s
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from alora_core.sampling import MAX_LOGPROBS, MAX_N, MAX_PENALTY
 from service.schemas import Text
@@ -194,6 +202,18 @@ class CompletionRequest(SamplingRequest):
     """POST /v1/completions: one result per prompt per `n` (choice index = prompt * n + choice)."""
 
     prompt: PromptForm = Field(description="A string, strings, token ids, or lists of token ids.")
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_form(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:  # the union's own message lists every branch: say what is accepted
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids (integers "
+                ">= 0), or a list of such lists (at most 64 prompts)"
+            ) from None
+
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Legacy logprobs: top alternatives."
     )

@@ -18,7 +18,6 @@ from service import package_version
 from service.deps import MetricsDep, StateDep, TenantDep
 from service.errors import InvalidBodyError
 from service.openai.assemble import (
-    EchoParts,
     Meta,
     Prompts,
     Results,
@@ -251,8 +250,8 @@ async def create_completion(
         record(metrics, "completion", results)
         return usage_of(prompts.ids, results, echo_only).model_dump() if include_usage else None
 
-    def echo(choice: int) -> EchoParts:  # streamed: text only (echo with logprobs is refused above)
-        return prompts.echo(choice // body.n, meta.strings, None, None)
+    def prompt_of(choice: int) -> tuple[str, list[int]]:
+        return prompts.echo_text(choice // body.n), prompts.ids[choice // body.n]
 
     events = completion_events(
         stream,
@@ -263,7 +262,8 @@ async def create_completion(
         (lambda: meta.strings.stepper(meta.ending_ids)) if k is not None else None,
         bool(body.return_token_ids),
         usage,
-        echo if body.echo else None,
+        prompt_of,
+        body.echo,
         echo_only,
     )
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -112,25 +112,24 @@ async def completion_events(
     make_stepper: Callable[[], TokenStepper] | None,
     return_token_ids: bool,
     usage: Usage,
-    echo: Callable[[int], tuple[str, list[int], list[str], list[TokenLogprobs | None]]] | None,
+    prompt: Callable[[int], tuple[str, list[int]]],
+    echo: bool,
     drop_output: bool,
 ) -> AsyncIterator[str]:
-    """`echo(choice)` -> (prompt text, prompt ids, prompt token strings, prompt logprob entries), sent
-    before the choice's first token; drop_output: echo with max_tokens 0 (the sampled token is dropped)."""
+    """`prompt(choice)` -> (its prompt's text, ids): the text is sent before the choice's first token
+    with echo, the ids with return_token_ids; drop_output: echo with max_tokens 0 (the sampled token
+    is dropped). Echo with logprobs is not streamed (refused by the route)."""
     states = [ChoiceState(make_text(), make_stepper() if make_stepper else None) for _ in range(n)]
 
     def echoed(index: int) -> dict[str, Any] | None:
         state = states[index]
-        if state.started:
+        if state.started or not (echo or return_token_ids):
             return None
         state.started = True
-        if echo is None:
-            return None
-        text, ids, texts, entries = echo(index)
+        text, ids = prompt(index)
+        text = text if echo else ""
+        state.offset = len(text)
         choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
-        if state.strings is not None and strings is not None:
-            choice["logprobs"] = completion_logprobs(strings, texts, entries).model_dump()
-            state.offset = len(text)
         if return_token_ids:
             choice["prompt_token_ids"] = ids
         return choice

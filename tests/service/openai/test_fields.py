@@ -305,19 +305,18 @@ def test_streaming_chunks_add_up_to_the_plain_response(sdk: openai.OpenAI) -> No
 
 
 def test_completion_stream_of_several_prompts(sdk: openai.OpenAI) -> None:
-    body = {
-        "model": SERVED,
-        "prompt": ["The river", "A city"],
-        "max_tokens": 6,
-        "temperature": 0,
-        "echo": True,
-    }
-    plain = sdk.completions.create(**body)
-    chunks = list(sdk.completions.create(stream=True, **body))
-    for choice in plain.choices:
-        parts = [part for c in chunks for part in c.choices if part.index == choice.index]
-        assert "".join(p.text for p in parts) == choice.text
-        assert parts[-1].finish_reason == choice.finish_reason
+    for prompts, echo in ((["The river", "A city"], True), ([[17, 42, 99], [5, 6, 7, 8]], False)):
+        body = {"model": SERVED, "prompt": prompts, "max_tokens": 6, "temperature": 0, "echo": echo}
+        extra = {"extra_body": {"return_token_ids": True}}
+        plain = sdk.completions.create(**body, **extra)
+        chunks = list(sdk.completions.create(stream=True, **body, **extra))
+        for choice in plain.choices:
+            parts = [part for c in chunks for part in c.choices if part.index == choice.index]
+            assert "".join(p.text for p in parts) == choice.text
+            assert parts[-1].finish_reason == choice.finish_reason
+            assert parts[0].model_extra["prompt_token_ids"] == choice.model_extra["prompt_token_ids"]
+            streamed = [t for p in parts for t in p.model_extra.get("token_ids") or []]
+            assert streamed == choice.model_extra["token_ids"]
 
 
 def test_prompt_logprobs_on_chat_score_the_prompt(sdk: openai.OpenAI, oracle: PeftOracle) -> None:
