@@ -156,8 +156,9 @@ async def create_chat_completion(
         prompt[:] = chat_prompt(engine.tokenizer, body, target)
         new = max_tokens(requested, len(prompt), engine.max_model_len, param)
         params = sampling_params(body, max_new=new, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs)
-        # KV index (issue 15): tenant.id and body.cache_salt salt this request's prefix-cache keys
-        return engine.submit_completion(target.adapter, prompt, params, on_sample=on_sample)
+        return engine.submit_completion(
+            target.adapter, prompt, params, on_sample=on_sample, tenant=tenant.id, cache_salt=body.cache_salt
+        )
 
     meta = Meta(
         id=f"chatcmpl-{body.request_id or uuid.uuid4().hex}",
@@ -224,8 +225,9 @@ async def create_completion(
             params = sampling_params(
                 body, max_new=1 if echo_only else room, logprobs=k, prompt_logprobs=engine_prompt_k
             )
-            # KV index (issue 15): tenant.id and body.cache_salt salt this request's prefix-cache keys
-            return engine.submit_completion(target.adapter, ids, params, on_sample=on_sample)
+            return engine.submit_completion(
+                target.adapter, ids, params, on_sample=on_sample, tenant=tenant.id, cache_salt=body.cache_salt
+            )
 
         return submit
 

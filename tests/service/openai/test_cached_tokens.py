@@ -1,10 +1,7 @@
 """`usage.prompt_tokens_details.cached_tokens` of stateless OpenAI clients: they never send a
-conversation id, so their prompts are reused only through the KV index (automatic prefix caching,
-issue 15). Every test here is a strict xfail until the index lands: it fails loudly once it passes,
-and the marker goes at the merge."""
+conversation id, so their prompts are reused only through the KV index (automatic prefix caching)."""
 
 import openai
-import pytest
 from transformers import PreTrainedTokenizerBase
 
 from tests.alora_core.conftest import PeftOracle
@@ -12,7 +9,6 @@ from tests.service.conftest import ServerProcess
 from tests.service.openai.conftest import SERVED, chat_ids, invocation
 
 BLOCK = 16  # the server's --block-size (default)
-needs_index = pytest.mark.xfail(strict=True, reason="needs the KV index (issue 15)")
 
 
 def full_blocks(tokens: int) -> int:
@@ -47,35 +43,32 @@ def converse(
     return messages, prompt
 
 
-@needs_index
 def test_stateless_multi_turn_chat_reuses_every_previous_full_block(
     sdk: openai.OpenAI, oracle: PeftOracle
 ) -> None:
     converse(sdk, "Explain the weather of the city and the river near it, " * 4, turns=4, oracle=oracle)
 
 
-@needs_index
 def test_alora_chat_on_the_history_reuses_the_base_prefix(
     sdk: openai.OpenAI, openai_server: ServerProcess, oracle: PeftOracle, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    messages, _ = converse(
-        sdk, "What does the document say about memory and data? " * 4, turns=2, oracle=oracle
-    )
+    messages, last_prompt = converse(sdk, "What does the document say about memory and data? " * 4, 2, oracle)
+    history = messages[:-1]  # through the last answer: what the base calls computed
     response = sdk.chat.completions.create(
         model="certainty",
-        messages=messages,
+        messages=history,
         max_tokens=4,
         temperature=0,
         extra_body={"return_token_ids": True},
     )
-    conversation = chat_ids(tokenizer, messages, generation_prompt=False)
+    conversation = chat_ids(tokenizer, history, generation_prompt=False)
     prompt = response.model_extra["prompt_token_ids"]
     assert prompt == conversation + invocation(openai_server, "certainty")
-    assert response.usage.prompt_tokens_details.cached_tokens >= full_blocks(len(conversation))
+    assert conversation[: len(last_prompt)] == last_prompt
+    assert response.usage.prompt_tokens_details.cached_tokens >= full_blocks(len(last_prompt))
     assert response.choices[0].model_extra["token_ids"] == oracle.generate("certainty", prompt, 4)[0]
 
 
-@needs_index
 def test_another_api_key_or_another_cache_salt_reuses_nothing(
     sdk: openai.OpenAI, sdk_b: openai.OpenAI, oracle: PeftOracle
 ) -> None:
@@ -93,7 +86,6 @@ def test_another_api_key_or_another_cache_salt_reuses_nothing(
     assert cached(sdk, cache_salt="salt-1") > 0  # which reuses what the same salt computed
 
 
-@needs_index
 def test_prompt_logprobs_recompute_a_cached_prompt(sdk: openai.OpenAI, oracle: PeftOracle) -> None:
     messages, _ = converse(sdk, "Score every token of this prompt about the latency. " * 4, 2, oracle)
     again = sdk.chat.completions.create(model=SERVED, messages=messages, max_tokens=1)
