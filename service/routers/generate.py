@@ -20,7 +20,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pro
 
 STREAM_RESPONSE = {
     "description": "With `stream: true`: server-sent events (token chunks, the final body, `[DONE]`).",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {  # before OpenAPI 3.2, `schema` describes one event
+            "schema": {
+                "type": "object",
+                "properties": {"data": {"type": "string", "description": "A JSON object, or `[DONE]`."}},
+                "required": ["data"],
+            }
+        }
+    },
 }
 
 

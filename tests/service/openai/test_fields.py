@@ -229,10 +229,13 @@ def test_echo_prepends_the_prompt_and_its_logprobs(sdk: openai.OpenAI, oracle: P
     logprobs = echoed.choices[0].logprobs
     assert len(logprobs.tokens) == len(ids) + 4 and logprobs.token_logprobs[0] is None
     assert "".join(logprobs.tokens[: len(ids)]) == prompt
-    assert logprobs.token_logprobs[len(ids) :] == plain.choices[0].logprobs.token_logprobs
+    # (cached KV: equal up to float rounding of another batch shape)
+    plain_lps = plain.choices[0].logprobs.token_logprobs
+    assert logprobs.token_logprobs[len(ids) :] == pytest.approx(plain_lps, abs=1e-4)
     only = sdk.completions.create(model=SERVED, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
     assert only.choices[0].text == prompt and only.usage.completion_tokens == 0
-    assert only.choices[0].logprobs.token_logprobs[1:] == logprobs.token_logprobs[1 : len(ids)]
+    prompt_lps = logprobs.token_logprobs[1 : len(ids)]
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(prompt_lps, abs=1e-4)
 
 
 def test_n_choices_are_reproducible_and_differ(sdk: openai.OpenAI) -> None:
@@ -290,7 +293,12 @@ def test_streaming_chunks_add_up_to_the_plain_response(sdk: openai.OpenAI) -> No
         chunks = list(
             sdk.chat.completions.create(stream=True, stream_options={"include_usage": True}, **body)
         )
-        assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+        usage = chunks[-1].usage
+        assert chunks[-1].choices == [] and usage is not None
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            plain.usage.prompt_tokens,
+            plain.usage.completion_tokens,
+        )
         for index in (0, 1):
             deltas = [part for c in chunks[:-1] for part in c.choices if part.index == index]
             assert deltas[0].delta.role == "assistant"
@@ -299,9 +307,13 @@ def test_streaming_chunks_add_up_to_the_plain_response(sdk: openai.OpenAI) -> No
                 plain.choices[index].finish_reason
             ]
             streamed = [e for d in deltas if d.logprobs for e in d.logprobs.content]
-            assert [e.model_dump() for e in streamed] == [
-                e.model_dump() for e in plain.choices[index].logprobs.content
+            expected = plain.choices[index].logprobs.content
+            assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+                (e.token, [t.token for t in e.top_logprobs]) for e in expected
             ]
+            values = [[e.logprob, *(t.logprob for t in e.top_logprobs)] for e in streamed]
+            want = [[e.logprob, *(t.logprob for t in e.top_logprobs)] for e in expected]
+            assert values == [pytest.approx(v, abs=1e-4) for v in want]  # cached KV: float rounding
 
 
 def test_completion_stream_of_several_prompts(sdk: openai.OpenAI) -> None:
