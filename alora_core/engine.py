@@ -31,7 +31,12 @@ from typing import Literal
 import torch
 
 from alora_core.context import activation_start, validate
-from alora_core.errors import ConversationBusyError, InvalidRequestError, UnknownConversationError
+from alora_core.errors import (
+    CacheUnavailableError,
+    ConversationBusyError,
+    InvalidRequestError,
+    UnknownConversationError,
+)
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.codec import KVLayout, tenant_of
 from alora_core.kvcache.conversations import Conversation, ConversationStore
@@ -39,6 +44,7 @@ from alora_core.kvcache.cost_model import CostModel, RestorePolicy
 from alora_core.kvcache.host_tier import HostTier
 from alora_core.kvcache.index import PrefixIndex
 from alora_core.kvcache.prefix_cache import PrefixCache
+from alora_core.kvcache.redis_client import REDIS_ERRORS
 from alora_core.kvcache.redis_tier import RedisTier
 from alora_core.kvcache.remote import RemoteCache
 from alora_core.kvcache.stats import CacheCounters, CacheStats
@@ -306,7 +312,7 @@ class Engine:
         self._validate(list(input_ids), params)
         owner = _tenant(conversation_id, tenant)
         if conversation_id is not None:
-            self._resume(conversation_id)
+            self._resume(conversation_id, required=False)  # the input is the whole history
         request = Request(
             "generate",
             conversation_id,
@@ -455,14 +461,24 @@ class Engine:
         self.scheduler.submit(request)
         return handle
 
-    def _resume(self, conversation_id: str) -> None:
-        """A conversation this replica does not know may live in Redis (written by any replica)."""
+    def _resume(self, conversation_id: str, required: bool = True) -> None:
+        """A conversation this replica does not know may live in Redis (written by any replica).
+        Its Redis node unreachable: CacheUnavailableError when the caller needs the conversation
+        (an intrinsic on it, GET, DELETE); a /generate, whose input is the whole history, starts over."""
         if self.tiers.redis is None:
             return
         with self.scheduler.state_lock:
             if conversation_id in self.conversations:
                 return
-        meta = self.tiers.redis.lookup(conversation_id)  # network round trip: not under the lock
+        try:
+            meta = self.tiers.redis.lookup(conversation_id)  # network round trip: not under the lock
+        except REDIS_ERRORS as exc:
+            if not required:
+                return
+            raise CacheUnavailableError(
+                f"conversation {conversation_id!r} is not cached on this replica and the Redis node "
+                "holding it does not answer; retry shortly"
+            ) from exc
         if meta is not None and self.remote is not None:
             with self.scheduler.state_lock:
                 if conversation_id not in self.conversations:

@@ -6,6 +6,7 @@ AloraError
 ├── ContextTooLongError       413  context longer than the model maximum or the KV pool
 ├── InvocationMissingError    422  aLoRA input without its invocation sequence
 ├── CapacityError             503  KV blocks exhausted by other live requests (retry later)
+├── CacheUnavailableError     503  a conversation only Redis knows, on a node unreachable now (retry later)
 ├── AdapterLoadError          --   adapter directory unusable (raised at load time, not per request)
 └── UnsupportedModelError     --   the model needs what the engine does not compute exactly (start-up)
 """
@@ -72,6 +73,15 @@ class RequestCancelledError(AloraError):
 class CapacityError(AloraError):
     status_code = 503
     code = "kv_cache_exhausted"
+
+
+class CacheUnavailableError(AloraError):
+    """This replica does not know the conversation and the Redis node holding its handle does not
+    answer (e.g. a Cluster master failing over): whether it exists is unknown until it does."""
+
+    status_code = 503
+    code = "cache_unavailable"
+    retry_after_s = 2.0
 
 
 class AdapterLoadError(AloraError):

@@ -88,6 +88,7 @@ def build_engine(settings: Settings, sources: Sources) -> Engine:
         host_cache_bytes=int(settings.host_cache_bytes),
         redis_url=settings.redis_url,
         redis_ttl_s=settings.redis_ttl_s,
+        restore_policy=settings.restore_policy,
         max_model_len=settings.max_model_len,
         max_conversations=settings.max_conversations,
         max_num_seqs=settings.max_num_seqs,

@@ -8,8 +8,9 @@ exported as text at GET /metrics. Names are vLLM's with our prefix (`vllm:time_t
     per scrape   (EngineCollector, reads the engine)   running / waiting, KV pool and tiers, Redis
 
 Labels stay bounded: `endpoint` (generate | intrinsic | chat | completion), `adapter` (a loaded adapter,
-`base` for none), `tier`, `kind` (base | alora | lora), `finished_reason`, `status` and `reason` (error
-codes, eviction reasons). Never a conversation id or API key.
+`base` for none), `tier`, `kind` (base | alora | lora; Redis error kinds), `finished_reason`, `status`
+and `reason` (error codes, eviction reasons), `node` (the Redis deployment's masters). Never a
+conversation id or API key.
 """
 
 import json
@@ -20,10 +21,11 @@ from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from alora_core import Engine, GenerationResult
+from alora_core.kvcache.redis_health import ERROR_KINDS, NODE_LATENCY_BUCKETS
 from alora_core.sequence import Sequence
 from alora_core.step import Work
 from service import package_version
@@ -54,6 +56,7 @@ REJECTIONS = (  # (status, error code) an engine endpoint can answer (service/er
     ("499", "client_closed_request"),
     ("500", "internal_error"),
     ("503", "kv_cache_exhausted"),
+    ("503", "cache_unavailable"),
 )
 HTTP_PRESET_STATUS = "500"  # every route's HTTP counter starts with this status (the 5xx panels)
 TIERS = ("device", "host", "redis")
@@ -384,7 +387,26 @@ def _cache_metrics(stats: Any, pool_bytes: int) -> Iterator[Metric]:
         for direction in dict.fromkeys([*TRANSFERS, *values]):
             family.add_metric([direction.replace("->", "_to_")], values.get(direction, 0))
         yield family
-    yield _counter("alora_redis_errors", "Failed Redis operations.", field("redis_errors"))
+    errors = CounterMetricFamily(
+        "alora_redis_errors",
+        "Redis errors by kind: moved / ask (redirections, followed), timeout, connection, "
+        "cluster_down, other.",
+        labels=["kind"],
+    )
+    kinds = field("redis_error_kinds", {})
+    for kind in dict.fromkeys([*ERROR_KINDS, *kinds]):
+        errors.add_metric([kind], kinds.get(kind, 0))
+    yield errors
+    latency = HistogramMetricFamily(
+        "alora_redis_node_latency_seconds",
+        "Round trip of one command or pipeline to a Redis node (send -> last reply), by node "
+        "(host:port of a standalone Redis or Cluster master; sentinel:<name>).",
+        labels=["node"],
+    )
+    for node, histogram in sorted(field("redis_node_latency", {}).items()):
+        bounds = [*(str(b) for b in NODE_LATENCY_BUCKETS), "+Inf"]
+        latency.add_metric([node], list(zip(bounds, histogram.buckets, strict=True)), histogram.sum_s)
+    yield latency
     yield _counter(
         "alora_redis_writes_skipped", "Redis writes not attempted (degraded, buffer full).",
         field("redis_writes_skipped"),

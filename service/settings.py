@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from alora_core.kvcache import redis_url
 from service import package_version
 
 ENV_PREFIX = "ALORA_"
@@ -94,11 +95,18 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1, description="Queued requests before new ones get 429 (Retry-After).")
     redis_url: str | None = Field(
         None,
-        description="Redis URL of the shared cold cache tier (redis://host:6379/0, unix:///path): "
-        "conversations are written behind and any replica can resume them. Default: no Redis.",
+        description="Redis of the shared cold cache tier: redis://host:6379/0 (or rediss://, "
+        "unix:///path), redis+sentinel://host:26379,host:26379/<master set>/0, or "
+        "redis+cluster://host:6379,host:6379 (seed nodes). KV blocks and conversations are written "
+        "behind and any replica can resume them. Default: no Redis.",
     )
     redis_ttl_s: int = Field(
         86_400, ge=1, description="Expiry of Redis cache entries in seconds, refreshed on every access."
+    )
+    restore_policy: Literal["cost", "always", "never"] = Field(
+        "cost",
+        description="Restore a cached prefix from the host tier / Redis or recompute it: cost (the "
+        "cheaper, from bandwidths and prefill speed measured while serving), always, never.",
     )
     api_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -136,6 +144,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"adapter {name.strip()!r} is given twice")
             adapters[name.strip()] = path.strip()
         return adapters
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        """A malformed URL is refused here, before the model loads (no connection is made)."""
+        if value:
+            redis_url.parse(value)
+        return value
 
     @field_validator("api_key", "served_model_name", mode="before")
     @classmethod

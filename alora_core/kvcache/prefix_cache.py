@@ -128,7 +128,7 @@ class PrefixCache:
 
     def probe(self, seq: CachedSequence, found: Lookup) -> Probe | None:
         """A Redis probe for values continuing the local prefix, when they could beat recompute."""
-        if self.remote is None or self.tiers.redis is None or self.tiers.redis.degraded:
+        if self.remote is None or self.tiers.redis is None or not self.tiers.redis.readable:
             return None
         local, limit = len(found.entries), (seq.num_tokens - 1) // self.bs
         if limit <= local or self.tiers.policy == "never":

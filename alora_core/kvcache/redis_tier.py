@@ -11,11 +11,14 @@ Every value key has its own hash tag (the chain hash), so values spread over Red
 conversation's meta and tail share one and are written in one MULTI/EXEC. Values are aligned on
 groups of K blocks from position 0, so any replica names the values of any prefix from its token
 ids alone (index.py) and a lookup probes values, not blocks. Two daemon threads do all the I/O
-(redis_client.py): the scheduler thread never waits on Redis. Any Redis error marks the tier
-degraded (callers recompute) and opens a circuit breaker that retries with backoff, so a Redis that
-comes back is used again without a restart.
+through one KVClient (standalone, Sentinel or Cluster: redis_url.py): the scheduler thread never
+waits on Redis. A Redis error opens its node's circuit breaker (redis_health.py): the tier reports
+degraded, keys on that node are recomputed, writes are skipped, and the write thread probes the node
+with backoff (and refreshes a Cluster's slot map), so a Redis that comes back, or a replica that took
+over, is used without a restart.
 """
 
+import contextlib
 import logging
 import threading
 import time
@@ -39,41 +42,12 @@ from alora_core.kvcache.codec import (
 )
 from alora_core.kvcache.cost_model import CostModel
 from alora_core.kvcache.index import BlockChain, make_root
-from alora_core.kvcache.redis_client import REDIS_ERRORS, KVClient, RedisClient
+from alora_core.kvcache.redis_client import REDIS_ERRORS, UNREACHABLE, KVClient
 from alora_core.kvcache.redis_jobs import FetchJob, ProbeJob, ValueWrite, WriteJob
+from alora_core.kvcache.redis_url import connect
 from alora_core.kvcache.stats import CacheCounters
 
 log = logging.getLogger(__name__)
-
-
-class _Breaker:
-    """Degraded after any error; the next attempt is allowed after a backoff (0.5 s doubling to 5 s)."""
-
-    def __init__(self, counters: CacheCounters) -> None:
-        self.counters = counters
-        self.degraded = False
-        self._retry_at = 0.0
-        self._backoff = 0.5
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        return not self.degraded or time.monotonic() >= self._retry_at
-
-    def ok(self) -> None:
-        if self.degraded:
-            log.warning("Redis is reachable again: the Redis cache tier is back in use")
-        with self._lock:
-            self.degraded = False
-            self._backoff = 0.5
-
-    def failed(self, exc: BaseException) -> None:
-        self.counters.redis_errors += 1
-        with self._lock:
-            if not self.degraded:
-                log.warning("Redis cache tier degraded (requests recompute): %s", exc)
-            self.degraded = True
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, 5.0)
 
 
 Delete = tuple[str, list[str]]  # (conversation, keys): forget a handle and its values
@@ -101,8 +75,8 @@ class RedisTier:
         self.cost = cost
         self.max_pending_write_bytes = max_pending_write_bytes
         self._wake = wake
-        self._client: KVClient = client if client is not None else RedisClient(url, timeout_s)
-        self._breaker = _Breaker(counters)
+        self._client: KVClient = client if client is not None else connect(url, timeout_s)
+        self.health = self._client.health
         self._cv = threading.Condition()
         self._writes: deque[WriteJob | Delete] = deque()
         self._reads: deque[FetchJob | ProbeJob] = deque()
@@ -162,27 +136,27 @@ class RedisTier:
 
     @property
     def degraded(self) -> bool:
-        return self._breaker.degraded
+        """Some Redis node is unreachable (its keys are recomputed, writes are skipped)."""
+        return self.health.degraded
+
+    @property
+    def readable(self) -> bool:
+        """Some node answers: a restore or probe may find values (those on an open node read as missing)."""
+        return self.health.usable
 
     def writable(self) -> bool:
-        return self._breaker.allow()
+        return not self.health.degraded
 
     def lookup(self, key: str, wait_s: float = 5.0) -> RemoteMeta | None:
         """The conversation's handle, if Redis has a valid one (any replica may have written it).
-        A write of it still queued here is waited for: it may have just left the local store."""
+        A write of it still queued here is waited for: it may have just left the local store. Raises
+        the client's error (REDIS_ERRORS) when the node holding it cannot answer: unknown, not absent."""
         deadline = time.monotonic() + wait_s
         with self._cv:
             while self._pending_keys[key] and time.monotonic() < deadline:
                 self._cv.wait(deadline - time.monotonic())
-        if not self._breaker.allow():
-            return None
         t0 = time.perf_counter()
-        try:
-            raw = self._client.getex(self.meta_key(key), self.ttl_s)
-        except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
-            return None
-        self._breaker.ok()
+        raw = self._client.getex(self.meta_key(key), self.ttl_s)  # errors: counted by the client
         self.cost.observe_redis_latency(time.perf_counter() - t0)
         if raw is None:
             return None
@@ -195,10 +169,7 @@ class RedisTier:
 
     def submit_write(self, job: WriteJob) -> bool:
         with self._cv:
-            if (
-                not self._breaker.allow()
-                or self.pending_write_bytes + job.nbytes > self.max_pending_write_bytes
-            ):
+            if self.health.degraded or self.pending_write_bytes + job.nbytes > self.max_pending_write_bytes:
                 self.counters.redis_writes_skipped += 1
                 return False
             self.pending_write_bytes += job.nbytes
@@ -251,19 +222,17 @@ class RedisTier:
     def _write_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._writes and not self._closed:
-                    if not self._cv.wait(timeout=1.0) and self._breaker.degraded and self._breaker.allow():
-                        break  # idle and degraded: probe, so /ready recovers without traffic
+                if not self._writes and not self._closed:
+                    self._cv.wait(timeout=1.0)  # idle: wake up anyway to probe unreachable nodes
                 if self._closed and not self._writes:
                     return
                 item = self._writes.popleft() if self._writes else None
                 self._busy_writes += 1
             try:
-                if item is None:
-                    self._ping()
-                elif isinstance(item, WriteJob):
+                self._client.recover()  # a no-op unless a node is due for a probe (or a slot moved)
+                if isinstance(item, WriteJob):
                     self._write(item)
-                else:
+                elif item is not None:
                     self._delete(*item)
             except Exception:  # a bug: this write is lost, the thread lives on
                 log.exception("Redis write failed")
@@ -280,16 +249,8 @@ class RedisTier:
                             del self._pending_keys[conversation]
                     self._cv.notify_all()
 
-    def _ping(self) -> None:
-        try:
-            self._client.ping()
-        except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
-        else:
-            self._breaker.ok()
-
     def _write(self, job: WriteJob) -> None:
-        if not self._breaker.allow():
+        if self.health.degraded:
             self.counters.redis_writes_skipped += 1
             return
         t0 = time.perf_counter()
@@ -315,24 +276,18 @@ class RedisTier:
                 self._client.expire(job.touch, self.ttl_s)
             if job.delete:
                 self._client.delete(job.delete)
-        except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
+        except REDIS_ERRORS:  # counted by the client; the job settles as failed (rewritten later)
             return
-        self._breaker.ok()
         job.ok = True
         nbytes = sum(len(v) for _, v in values + handle)
         self.counters.transfer("to_redis", nbytes, time.perf_counter() - t0)
 
     def _delete(self, conversation: str, value_keys: list[str]) -> None:
-        if not self._breaker.allow():
+        if self.health.degraded:
             self.counters.redis_writes_skipped += 1
             return
-        try:
+        with contextlib.suppress(*REDIS_ERRORS):  # counted by the client; values expire with their TTL
             self._client.delete([self.meta_key(conversation), self.tail_key(conversation), *value_keys])
-        except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
-        else:
-            self._breaker.ok()
 
     # -- the read thread ------------------------------------------------------------------------------
 
@@ -358,40 +313,40 @@ class RedisTier:
                 self._wake()
 
     def _probe(self, job: ProbeJob) -> None:
-        if not self._breaker.allow():
+        if not self.readable:
             return
         t0 = time.perf_counter()
         try:
-            job.exists = self._client.exists_many(job.keys)
-        except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
+            job.exists = self._client.exists_many(job.keys)  # keys on an unreachable node: False
+        except REDIS_ERRORS:
             return
-        self._breaker.ok()
         self.cost.observe_redis_latency(time.perf_counter() - t0)
 
     def _fetch(self, job: FetchJob) -> None:
-        if not self._breaker.allow():
+        if not self.readable:
             return
         t0 = time.perf_counter()
         stream = torch.cuda.Stream(job.pool.kv.device) if job.pool.kv.is_cuda else None
-        filling = True
+        filling, unreachable = True, False
         try:  # every reply is read, even after a refused one: the connection stays in step
             replies = self._client.get_many([key for key, _ in job.values], self.ttl_s)
             for (key, header), value in zip(job.values, replies, strict=True):
+                unreachable |= value is UNREACHABLE
                 if filling:
                     filling = self._accept(job, key, value, header, stream)
-        except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
+        except REDIS_ERRORS:
             return
-        self._breaker.ok()
         if stream is not None:
             job.copied = torch.cuda.Event()
             job.copied.record(stream)
         job.seconds = time.perf_counter() - t0
-        self.cost.observe_transfer("redis", job.filled_blocks * self.layout.bytes_per_block, job.seconds)
+        if not unreachable:  # a node failing says nothing about the bandwidth of the others
+            self.cost.observe_transfer("redis", job.filled_blocks * self.layout.bytes_per_block, job.seconds)
 
     def _accept(self, job: FetchJob, key: str, value: object, header: ChunkHeader, stream: object) -> bool:
         reason = None
+        if value is UNREACHABLE:  # its node is down (counted as an error): a gap, not a bad value
+            return False
         if value is None:
             reason = "missing"
         elif not isinstance(value, bytes):

@@ -59,8 +59,6 @@ class RemoteCache:
         (conv) whose previous values reached block `supersedes`: a shorter value of a group it now
         writes whole is deleted (others' values are left to their TTL: a handle may name them)."""
         redis, bs = self.redis, self.bs
-        if not redis.writable():
-            return
         entries = chain.entries
         n = (
             len(entries)
@@ -70,6 +68,9 @@ class RemoteCache:
         groups = [(s, e) for s, e in redis.value_groups(0, n, n) if not entries[e - 1].redis & ENDS_VALUE]
         tail = table.num_tokens - n * bs if conv is not None else 0
         if not groups and conv is None:
+            return
+        if not redis.writable():  # a Redis node is unreachable: counted, written by a later request
+            redis.counters.redis_writes_skipped += 1
             return
         tenant = chain.root.tenant
         digests = prefix_hashes(

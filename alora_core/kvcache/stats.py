@@ -8,6 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+from alora_core.kvcache.redis_health import Latency
+
 Tier = Literal["device", "host", "redis"]
 Transfer = Literal["device->host", "host->device", "redis->device", "to_redis"]
 AdapterKind = Literal["base", "alora", "lora"]
@@ -29,7 +31,6 @@ class CacheCounters:
     transfer_bytes: Counter[str] = field(default_factory=Counter)
     transfer_seconds: dict[str, float] = field(default_factory=dict)
     transfer_count: Counter[str] = field(default_factory=Counter)
-    redis_errors: int = 0  # failed Redis operations (connection, timeout, protocol)
     redis_writes_skipped: int = 0  # writes not attempted: Redis degraded or write buffer full
     discarded_entries: Counter[str] = field(default_factory=Counter)  # reason -> Redis values refused
 
@@ -57,7 +58,7 @@ class CacheStats:
     transfer_bytes: dict[str, int]
     transfer_seconds: dict[str, float]
     transfer_count: dict[str, int]
-    redis_errors: int
+    redis_errors: int  # failed Redis operations and redirections, every kind
     redis_writes_skipped: int
     discarded_entries: dict[str, int]
     index_blocks: dict[str, int]  # tier -> index entries with KV there ("device", "host")
@@ -65,3 +66,5 @@ class CacheStats:
     kind_hit_tokens: dict[str, int]
     evicted_blocks: dict[str, int]
     probes: int
+    redis_error_kinds: dict[str, int] = field(default_factory=dict)  # kind (redis_health.ERROR_KINDS) -> n
+    redis_node_latency: dict[str, Latency] = field(default_factory=dict)  # node -> round-trip histogram

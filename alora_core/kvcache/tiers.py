@@ -309,7 +309,7 @@ class TieredCache:
         if h > d:
             options.append(min(want, h))
         # Redis values hold whole blocks: they continue a local prefix that ends on a block boundary
-        redis_usable = self.redis is not None and not self.redis.degraded and h % self.pool.block_size == 0
+        redis_usable = self.redis is not None and self.redis.readable and h % self.pool.block_size == 0
         if redis_usable and where.remote_tokens > h:
             options.append(min(want, where.remote_tokens))
         if self.policy == "always":
@@ -347,6 +347,7 @@ class TieredCache:
 
     def stats(self) -> CacheStats:
         c = self.counters
+        kinds, latency = self.redis.health.snapshot() if self.redis is not None else ({}, {})
         budget = self.device_budget_blocks if self.device_budget_blocks is not None else self.pool.num_blocks
         return CacheStats(
             device_bytes=(self.pool.num_blocks - self.pool.num_free) * self.bytes_per_block,
@@ -365,7 +366,7 @@ class TieredCache:
             transfer_bytes=dict(c.transfer_bytes),
             transfer_seconds=dict(c.transfer_seconds),
             transfer_count=dict(c.transfer_count),
-            redis_errors=c.redis_errors,
+            redis_errors=sum(kinds.values()),
             redis_writes_skipped=c.redis_writes_skipped,
             discarded_entries=dict(c.discarded_entries),
             index_blocks={"device": self.num_device, "host": self.num_host},
@@ -373,6 +374,8 @@ class TieredCache:
             kind_hit_tokens=dict(c.kind_hit_tokens),
             evicted_blocks=dict(c.evicted_blocks),
             probes=c.probes,
+            redis_error_kinds=kinds,
+            redis_node_latency=latency,
         )
 
     def close(self) -> None:

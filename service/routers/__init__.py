@@ -14,7 +14,8 @@ _DESCRIPTIONS = {
     413: "Request body over --max-request-bytes, or context longer than the model maximum.",
     422: "aLoRA input without the adapter's invocation sequence.",
     429: "The engine's queue is full: retry after the Retry-After seconds.",
-    503: "KV cache exhausted by other live requests (retry later), or the service is draining.",
+    503: "KV cache exhausted by other live requests, the Redis node holding an unknown conversation "
+    "unreachable (cache_unavailable), or the service draining: retry later.",
 }
 
 

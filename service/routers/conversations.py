@@ -17,7 +17,7 @@ ConversationIdPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
 @router.get(
     "/conversations/{conversation_id}",
     response_model=ConversationInfo,
-    responses=error_responses(400, 401, 404),
+    responses=error_responses(400, 401, 404, 503),
     summary="Token count of a conversation and where its cache lies",
 )
 async def get_conversation(
@@ -42,7 +42,7 @@ async def get_conversation(
     "/conversations/{conversation_id}",
     status_code=204,
     response_class=Response,
-    responses=error_responses(400, 401, 404, 409),
+    responses=error_responses(400, 401, 404, 409, 503),
     summary="Forget a conversation and free its cache",
 )
 async def delete_conversation(
