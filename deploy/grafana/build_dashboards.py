@@ -258,6 +258,27 @@ KV_CACHE = [
                 "short",
             ),
             Panel(
+                "Redis errors by kind / s",
+                [(rate("alora_redis_errors_total", "kind"), "{{kind}}")],
+                "short",
+                "moved / ask: redirections (followed; a burst = resharding or a failover), timeout, "
+                "connection, cluster_down: a node or the cluster unreachable (its keys recomputed).",
+            ),
+            Panel(
+                "Redis round trip by node",
+                [
+                    (
+                        f"histogram_quantile({q}, sum by (le, node) "
+                        f"(rate(alora_redis_node_latency_seconds_bucket{{{SEL}}}[{RATE}])))",
+                        f"p{round(q * 100)} {{{{node}}}}",
+                    )
+                    for q in (0.5, 0.99)
+                ],
+                "s",
+                "One command or pipeline to a Redis node (a Cluster master, or sentinel:<set>), send to "
+                "last reply, over every replica.",
+            ),
+            Panel(
                 "Redis degraded (1 = unreachable, recomputing)",
                 [(f"max by (instance) (alora_redis_degraded{{{SEL}}})", "{{instance}}")],
                 "short",

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.alora_core.redis_server import RedisServer
 from tests.service.conftest import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ class Scrape:
         )
 
 
-def start_ops_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+def start_ops_server(tmp_path_factory: pytest.TempPathFactory, redis_url: str | None = None) -> ServerProcess:
     """The offline demo (no --model), built into a fresh ALORA_CACHE_DIR, with one API key."""
     cache = tmp_path_factory.mktemp("ops-cache")
     args = [
@@ -77,6 +78,8 @@ def start_ops_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
         "--kv-cache-bytes",
         str(KV_CACHE_BYTES),
     ]
+    if redis_url is not None:
+        args += ["--redis-url", redis_url]
     log = tmp_path_factory.mktemp("ops-logs") / "server.log"
     return ServerProcess(args, log, env={"ALORA_CACHE_DIR": str(cache)}).start()
 
@@ -90,9 +93,12 @@ def ops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 
 
 @pytest.fixture
-def fresh_ops_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server of its own that has served nothing yet (what a dashboard sees right after a deploy)."""
-    proc = start_ops_server(tmp_path_factory)
+def fresh_ops_server(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[ServerProcess]:
+    """A server of its own that has served nothing yet (what a dashboard sees right after a deploy),
+    with a Redis tier (the dashboards' Redis panels: errors by kind, latency per node)."""
+    proc = start_ops_server(tmp_path_factory, redis_server.url)
     yield proc
     proc.stop()
 
