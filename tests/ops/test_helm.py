@@ -1,6 +1,7 @@
 """helm/alora-serve: rendered and linted with Helm 4 as a library (helm-python-sdk) for the default
-values, the GPU + external Redis example and a bundled-Redis / PVC variant; every rendered manifest is
-validated with kubernetes-validate (the ServiceMonitor, a CRD, against a vendored schema)."""
+values, the GPU + external Redis example, the external Redis Cluster example and a bundled-Redis / PVC
+variant; every rendered manifest is validated with kubernetes-validate (the ServiceMonitor, a CRD,
+against a vendored schema)."""
 
 import json
 import tomllib
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from packaging.version import Version
 
+from alora_core.kvcache import redis_url
 from service.settings import Settings
 from tests.ops.conftest import ROOT, require, scrape
 from tests.ops.test_containers import check_settings_env
@@ -42,6 +44,7 @@ def values_file(name: str) -> dict[str, Any]:
 VALUES = {
     "default": None,
     "gpu-redis": "values-gpu-redis.yaml",
+    "redis-cluster": "values-redis-cluster.yaml",
     "bundled-pvc": BUNDLED_PVC,
 }
 
@@ -204,6 +207,40 @@ def test_gpu_external_redis_values() -> None:
     assert "replicas" not in server_deployment(manifests)["spec"]  # the HPA owns it
 
 
+def test_external_redis_cluster_values() -> None:
+    manifests = render(values_file("values-redis-cluster.yaml"))
+    env = {e["name"]: e for e in server_container(manifests)["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "redis-cluster",
+        "key": "redis-password",
+    }
+    url = env["ALORA_REDIS_URL"]["value"]
+    assert url.startswith("redis+cluster://:$(REDIS_PASSWORD)@redis-cluster-0.")
+    target = redis_url.parse(url)  # what the service makes of it
+    assert target.kind == "cluster" and len(target.addresses) == 3
+    assert target.options == {"password": "$(REDIS_PASSWORD)"}
+    (hpa,) = by_kind(manifests, "HorizontalPodAutoscaler")  # scaling out is what the cluster is for
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    (pdb,) = by_kind(manifests, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "replicas" not in server_deployment(manifests)["spec"]
+
+
+@pytest.mark.parametrize(
+    ("url", "rendered"),
+    [
+        ("redis+sentinel://s1:26379,s2:26379/mymaster/0", "redis+sentinel://:$(REDIS_PASSWORD)@s1:26379,s2"),
+        ("rediss+cluster://n1:6379,n2:6379", "rediss+cluster://:$(REDIS_PASSWORD)@n1:6379,n2:6379"),
+        ("rediss://redis:6380/1", "rediss://:$(REDIS_PASSWORD)@redis:6380/1"),
+    ],
+)
+def test_external_sentinel_and_cluster_urls(url: str, rendered: str) -> None:
+    values = {"redis": {"mode": "external", "external": {"url": url, "passwordSecret": {"name": "r"}}}}
+    env = env_of(server_container(render(values)))
+    assert env["ALORA_REDIS_URL"].startswith(rendered)
+    redis_url.parse(env["ALORA_REDIS_URL"])
+
+
 def test_bundled_redis_is_private_to_the_release() -> None:
     manifests = render(BUNDLED_PVC)
     env = env_of(server_container(manifests))
@@ -252,6 +289,10 @@ def test_autoscaler_scales_on_an_exported_metric(ops_client: httpx.Client) -> No
         {
             "redis": {"mode": "external", "external": {"url": "redis://:secret@host:6379/0"}}
         },  # password in values
+        {"redis": {"mode": "external", "external": {"url": "redis+cluster://:secret@h:6379"}}},
+        {"redis": {"mode": "external", "external": {"url": "redis+cluster://h:6379/3"}}},  # db 0 only
+        {"redis": {"mode": "external", "external": {"url": "redis+sentinel://h:26379"}}},  # no master set
+        {"redis": {"mode": "external", "external": {"url": "mongodb://h:27017"}}},
         {"gpu": {"enabled": "yes"}},
     ],
 )
@@ -263,7 +304,7 @@ def test_schema_rejects_bad_values(values: dict[str, Any]) -> None:
 
 def test_config_keys_of_the_examples_are_service_settings() -> None:
     fields = set(Settings.model_fields)
-    for name in ("values.yaml", "values-gpu-redis.yaml"):
+    for name in ("values.yaml", "values-gpu-redis.yaml", "values-redis-cluster.yaml"):
         config = values_file(name).get("config", {})
         assert set(config) <= fields, name
 

@@ -52,12 +52,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* ALORA_REDIS_URL: the bundled Redis, or the external URL with $(REDIS_PASSWORD) spliced in. */}}
+{{/* ALORA_REDIS_URL: the bundled Redis, or the external URL (one Redis, Sentinel or Cluster) with
+$(REDIS_PASSWORD) spliced in. */}}
 {{- define "alora.redisUrl" -}}
 {{- if eq .Values.redis.mode "bundled" -}}
 {{- printf "redis://%s-redis:6379/0" (include "alora.fullname" .) -}}
 {{- else if .Values.redis.external.passwordSecret.name -}}
-{{- regexReplaceAll "^(rediss?://)" .Values.redis.external.url "${1}:$(REDIS_PASSWORD)@" -}}
+{{- regexReplaceAll "^(rediss?(\\+cluster|\\+sentinel)?://)" .Values.redis.external.url "${1}:$(REDIS_PASSWORD)@" -}}
 {{- else -}}
 {{- .Values.redis.external.url -}}
 {{- end -}}
