@@ -6,8 +6,10 @@ A redis-server is started on a free loopback port (or --redis-url). In one run:
 
     (1) for N in --lengths: a conversation of N tokens, demoted to the host tier (device budget 0),
         restored by an aLoRA intrinsic; the same conversation resumed by a second engine that only
-        has Redis. Restore seconds and bytes/s (from the engine's transfer counters), against
-        recompute (prefill of the N tokens) and a raw copy of the same bytes measured here.
+        has Redis, and by a third that only has a Redis Cluster (3 masters, started here or
+        --cluster-url) holding the same values (copied key by key: they spread over every master).
+        Restore seconds and bytes/s (from the engine's transfer counters), against recompute
+        (prefill of the N tokens) and a raw copy of the same bytes measured here.
     (2) working set: --conversations conversations of --conv-tokens tokens, device budget and host
         tier each a quarter of their total KV (the rest lives in Redis), then an aLoRA intrinsic on
         every conversation in random order. Oracle: the same intrinsic run right after the
@@ -15,9 +17,10 @@ A redis-server is started on a free loopback port (or --redis-url). In one run:
         tokens, idle device KV and host tier within their budgets at every step.
 
 Targets: host restore >= 50% of the raw copy bandwidth; Redis restore >= 1 GB/s and >= 20x faster
-than recompute at N = 8192; (2) passes. Prints a table, writes JSON, exits 1 if a target fails.
+than recompute at N = 8192; Cluster restore >= 0.8x the single Redis's bandwidth at N = 8192; (2)
+passes. Prints a table, writes JSON, exits 1 if a target fails.
 
-    python -m loadtest.bench_tiers [--lengths 2048 8192] [--conversations 200] [--out FILE]
+    python -m loadtest.bench_tiers [--lengths 2048 8192] [--conversations 200] [--no-cluster] [--out FILE]
 """
 
 import argparse
@@ -34,10 +37,13 @@ from pathlib import Path
 
 import redis
 import torch
+from redis.cluster import ClusterNode, RedisCluster
 
 from alora_core import Engine, EngineConfig, GenerationResult, SamplingParams
+from alora_core.kvcache import redis_url as redis_urls
 from loadtest.bench_core import build_assets
 from loadtest.common import finish, machine, print_checks
+from tests.alora_core.redis_server import RedisClusterSet
 
 ONE = SamplingParams(max_tokens=1, ignore_eos=True)
 VISIT = SamplingParams(max_tokens=4, ignore_eos=True, return_logits=True)
@@ -103,8 +109,29 @@ def raw_copy_bytes_per_s(nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times)
 
 
+def copy_to_cluster(redis_url: str, cluster_url: str) -> dict[str, int]:
+    """Every alora:* key of the single Redis, SET into the cluster (each lands on its slot's master);
+    returns keys per master."""
+    source = redis.Redis.from_url(redis_url)
+    seeds = [ClusterNode(host, port) for host, port in redis_urls.parse(cluster_url).addresses]
+    cluster = RedisCluster(startup_nodes=seeds)
+    per_master: dict[str, int] = {n.name: 0 for n in cluster.get_primaries()}
+    for key in source.scan_iter("alora:*", count=1000):
+        value = source.get(key)
+        assert value is not None
+        cluster.set(key, value, ex=86_400)
+        per_master[cluster.get_node_from_key(key).name] += 1
+    cluster.close()
+    return per_master
+
+
 def restore_rows(
-    model: str, adapters: dict[str, Path], redis_url: str, lengths: list[int], repeats: int
+    model: str,
+    adapters: dict[str, Path],
+    redis_url: str,
+    cluster_url: str | None,
+    lengths: list[int],
+    repeats: int,
 ) -> list[dict]:
     common = {
         "model": model,
@@ -126,8 +153,17 @@ def restore_rows(
         ),
         adapters,
     )
-    for engine in (host, replica):  # first-call overheads stay out of the timings
-        engine.generate("bench:warmup", list(range(3, 300)), ONE)
+    clustered = None
+    if cluster_url is not None:
+        clustered = Engine.from_config(
+            EngineConfig(
+                **common, kv_cache_bytes=pool, device_cache_bytes=0, host_cache_bytes=0, redis_url=cluster_url
+            ),
+            adapters,
+        )
+    for engine in (host, replica, clustered):  # first-call overheads stay out of the timings
+        if engine is not None:
+            engine.generate("bench:warmup", list(range(3, 300)), ONE)
     rows = []
     for n in lengths:
         history = torch.randint(3, 1900, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -136,8 +172,9 @@ def restore_rows(
         assert host.tiers.redis is not None
         host.tiers.redis.flush(120)
         assert host.conversation(conv).cache_location == "host"
+        per_master = copy_to_cluster(redis_url, cluster_url) if cluster_url is not None else {}
 
-        host_runs, redis_runs = [], []
+        host_runs, redis_runs, cluster_runs = [], [], []
         for _ in range(repeats):
             before = transfer_now(host, "host->device")
             result = host.intrinsic("alora", conv, None, ONE)
@@ -147,7 +184,12 @@ def restore_rows(
             result = replica.intrinsic("alora", conv, None, ONE)  # the replica only has Redis
             nbytes, seconds = transfer_delta(replica, "redis->device", before)
             redis_runs.append((nbytes, seconds, result.ttft_s, result.usage.cached_tokens))
-        assert all(run[3] == n for run in host_runs + redis_runs), "expected full restores"
+            if clustered is not None:  # interleaved: all three see the same machine load
+                before = transfer_now(clustered, "redis->device")
+                result = clustered.intrinsic("alora", conv, None, ONE)  # the cluster only
+                nbytes, seconds = transfer_delta(clustered, "redis->device", before)
+                cluster_runs.append((nbytes, seconds, result.ttft_s, result.usage.cached_tokens))
+        assert all(run[3] == n for run in host_runs + redis_runs + cluster_runs), "expected full restores"
         nbytes = host_runs[0][0]
         host_s = statistics.median(r[1] for r in host_runs)
         redis_s = statistics.median(r[1] for r in redis_runs)
@@ -165,9 +207,20 @@ def restore_rows(
                 "raw_copy_bytes_per_s": raw_copy_bytes_per_s(nbytes, 10),
             }
         )
+        if cluster_runs:
+            cluster_s = statistics.median(r[1] for r in cluster_runs)
+            rows[-1].update(
+                {
+                    "cluster_restore_s": cluster_s,
+                    "cluster_intrinsic_ttft_s": statistics.median(r[2] for r in cluster_runs),
+                    "cluster_bytes_per_s": nbytes / cluster_s,
+                    "cluster_keys_per_master": per_master,
+                }
+            )
         print(f"restore N={n} done", file=sys.stderr, flush=True)
-    host.close()
-    replica.close()
+    for engine in (host, replica, clustered):
+        if engine is not None:
+            engine.close()
     return rows
 
 
@@ -302,6 +355,37 @@ def report(rows: list[dict], ws: dict | None) -> list[dict]:
                     "ok": speedup >= 20,
                 }
             )
+    clustered = [r for r in rows if "cluster_restore_s" in r]
+    if clustered:
+        print(
+            f"\n{'N':>6} | {'Redis restore':>13} | {'Redis GB/s':>10} | {'Cluster restore':>15} | "
+            f"{'Cluster GB/s':>12} | {'cluster/Redis':>13} | {'TTFT Redis':>10} | {'TTFT Cluster':>12} | keys per master"
+        )
+        print("-" * 136)
+    for r in clustered:
+        ratio = r["cluster_bytes_per_s"] / r["redis_bytes_per_s"]
+        print(
+            f"{r['n']:>6} | {r['redis_restore_s'] * 1e3:>10.1f} ms | {r['redis_bytes_per_s'] / gb:>10.2f} | "
+            f"{r['cluster_restore_s'] * 1e3:>12.1f} ms | {r['cluster_bytes_per_s'] / gb:>12.2f} | {ratio:>12.0%} | "
+            f"{r['redis_intrinsic_ttft_s'] * 1e3:>7.0f} ms | {r['cluster_intrinsic_ttft_s'] * 1e3:>9.0f} ms | "
+            f"{sorted(r['cluster_keys_per_master'].values())}"
+        )
+        if r["n"] == 8192:
+            spread = len(r["cluster_keys_per_master"]) == 3 and min(r["cluster_keys_per_master"].values()) > 0
+            checks.append(
+                {
+                    "check": "Cluster: values on all three masters at N=8192",
+                    "value": float(spread),
+                    "ok": spread,
+                }
+            )
+            checks.append(
+                {
+                    "check": "Cluster restore >= 0.8x single Redis bandwidth at N=8192",
+                    "value": ratio,
+                    "ok": ratio >= 0.8,
+                }
+            )
     if ws is not None:
         print(
             f"\nworking set: {ws['conversations']} x {ws['tokens']} tokens = {ws['total_kv_bytes'] / 2**30:.2f} GiB of KV; "
@@ -344,6 +428,12 @@ def main() -> None:
     parser.add_argument("--skip-working-set", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--cluster-url",
+        default=None,
+        help="use this Redis Cluster (redis+cluster://h:p,...) instead of starting one",
+    )
+    parser.add_argument("--no-cluster", action="store_true", help="skip the Redis Cluster comparison")
     parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_tiers.json"))
     args = parser.parse_args()
@@ -351,8 +441,12 @@ def main() -> None:
 
     model_dir, adapters = build_assets(args.assets)
     proc, url, workdir = (None, args.redis_url, None) if args.redis_url else start_redis()
+    cluster = None
+    if not args.no_cluster and args.cluster_url is None:  # 3 masters, no replicas: KV bytes once
+        cluster = RedisClusterSet(shutil.which("redis-server") or "redis-server", replicas=0).start()
+    cluster_url = None if args.no_cluster else args.cluster_url or (cluster and cluster.url)
     try:
-        rows = restore_rows(str(model_dir), adapters, url, args.lengths, args.repeats)
+        rows = restore_rows(str(model_dir), adapters, url, cluster_url, args.lengths, args.repeats)
         ws = None
         if not args.skip_working_set:
             ws = working_set(str(model_dir), adapters, url, args.conversations, args.conv_tokens, seed=0)
@@ -361,6 +455,8 @@ def main() -> None:
             proc.kill()
             proc.wait()
             shutil.rmtree(workdir, ignore_errors=True)
+        if cluster is not None:
+            cluster.stop()
 
     checks = report(rows, ws)
     info = machine(args.threads, redis=redis.__version__)

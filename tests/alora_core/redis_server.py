@@ -102,10 +102,10 @@ class RedisServer:
 
 
 class RedisClusterSet:
-    """`masters` masters with one replica each. `cluster-require-full-coverage no`: while one shard
-    fails over, the other masters keep serving their slots (docs/operations.md recommends it)."""
+    """`masters` masters with `replicas` (0 or 1) replica each. `cluster-require-full-coverage no`:
+    while one shard fails over, the other masters keep serving their slots (docs/operations.md)."""
 
-    def __init__(self, binary: str, masters: int = 3, full_coverage: bool = False) -> None:
+    def __init__(self, binary: str, masters: int = 3, full_coverage: bool = False, replicas: int = 1) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="alora-cluster-"))
         options = [
             "--cluster-enabled", "yes",
@@ -115,7 +115,7 @@ class RedisClusterSet:
         ]  # fmt: skip
         self.nodes: list[RedisServer] = []
         self.bus_ports: list[int] = []
-        for _ in range(2 * masters):
+        for _ in range((1 + replicas) * masters):
             port = free_port()
             self.bus_ports.append(free_port())  # not port + 10000: free ports go up to 65535
             bus = ["--cluster-port", str(self.bus_ports[-1])]
