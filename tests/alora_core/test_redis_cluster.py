@@ -3,6 +3,7 @@ spread over every master and stream from all of them at once; MOVED and ASK are 
 killed mid-run costs only its own keys (every other prefix keeps being restored), and the tier recovers
 once its replica took over. Every output is compared with PEFT."""
 
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -182,6 +183,41 @@ def test_a_master_killed_mid_run_costs_only_its_own_keys(
         assert_matches(result, oracle, None, turns[key])
     assert promoted.address in fresh.cache_stats().redis_node_latency
     assert not fresh.cache_stats().degraded and fresh.cache_stats().redis_errors == 0
+
+
+@pytest.mark.slow
+def test_clusterdown_while_a_shard_fails_over_means_recompute(
+    make_engine: Callable[..., Engine], oracle: PeftOracle
+) -> None:
+    """With cluster-require-full-coverage yes (Redis's default) every master answers CLUSTERDOWN from
+    the moment one is marked failed until its replica is promoted: requests recompute, then reuse."""
+    servers = RedisClusterSet(redis_binary(), full_coverage=True).start()
+    try:
+        writer = make_engine(redis_url=servers.url, **REDIS_ONLY)
+        prompts = [random_ids(70 + i, seed=1010 + i) for i in range(6)]
+        for prompt in prompts:
+            writer.generate(None, prompt, GREEDY)
+        flush(writer)
+        for master in servers.masters():
+            assert master.client().wait(1, 5000) == 1
+        reader = make_engine(redis_url=servers.url, restore_policy="always", **REDIS_ONLY)
+        survivor = servers.masters()[1].client()
+        victim = servers.masters()[0]
+        victim.kill()
+        wait_for(lambda: b"cluster_state:fail" in survivor.execute_command("CLUSTER", "INFO"), "CLUSTERDOWN")
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while not (seen >= {"cluster_down"} and not reader.cache_stats().degraded):
+            assert time.monotonic() < deadline, reader.cache_stats().redis_error_kinds
+            for prompt in prompts:
+                result = reader.generate(None, prompt + random_ids(3, seed=1020), GREEDY)
+                assert_matches(result, oracle, None, prompt + random_ids(3, seed=1020))
+            seen |= set(reader.cache_stats().redis_error_kinds)
+        servers.wait_promoted(victim)
+        again = [reader.generate(None, p + random_ids(3, seed=1020), GREEDY) for p in prompts]
+        assert all(r.usage.cached_tokens > 0 for r in again)  # reuse is back
+    finally:
+        servers.stop()
 
 
 def test_cluster_down_at_start_then_up(make_engine: Callable[..., Engine], oracle: PeftOracle) -> None:
