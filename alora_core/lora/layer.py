@@ -23,6 +23,7 @@ from torch import nn
 from alora_core.lora.adapters import LoraWeights
 from alora_core.lora.ops import StackedLora, masked_lora_reference, masked_lora_stacked
 from alora_core.model.batch import ForwardContext, LoraBatch
+from alora_core.model.cpu_linear import SHARED_INPUT_NAMES
 from alora_core.model.triton_check import triton_imports
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 # Torch path: padded rows the stacked LoRA may compute per adapter it saves the separate ops of. On
 # the bench model a padded row costs ~1 us of GEMM, one adapter's gather/shrink/expand/scatter ~15 us.
 MAX_PADDING_PER_SLOT = 16
-# Sibling linears that HF decoder blocks call on the same input tensor.
-SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def lora_kernel_available(device: torch.device) -> bool:
