@@ -53,6 +53,7 @@ from alora_core.lora.registry import AdapterRegistry
 from alora_core.model import cpu_linear
 from alora_core.model.batch import ForwardContext
 from alora_core.model.coverage import probe
+from alora_core.model.cpu_kernels import load as load_cpu_kernels
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.model.step_buffers import StepBuffers, paged_kernel_available
 from alora_core.request import Request, RequestHandle, TokenCallback
@@ -98,6 +99,8 @@ class EngineConfig:
     max_conversations: int = 10_000  # conversation handles kept (LRU); id-less requests make none
     # CPU: time two GEMM layouts per weight shape at start (model/cpu_linear.py)
     calibrate_cpu_linears: bool = True
+    # CPU: compile and use the batched paged-attention kernel (model/cpu_kernels.py; needs a C compiler)
+    cpu_kernels: bool = True
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,8 @@ class Engine:
             transposed = cpu_linear.calibrate(loaded.model)
             log.info("CPU linears calibrated: %d take W @ x^T at some small-batch row counts", transposed)
         self.ctx = ForwardContext()
+        if loaded.device.type == "cpu" and config.cpu_kernels:
+            self.ctx.cpu_kernels = load_cpu_kernels()  # None (one warning) without a C compiler
         if paged_kernel_available(loaded.device):  # CUDA: step metadata on the device, the paged kernel
             self.ctx.buffers = StepBuffers(
                 max_tokens=config.max_num_batched_tokens,

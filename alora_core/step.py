@@ -11,6 +11,8 @@
 The scheduler decides which sequences and positions go into each step; this module only runs it.
 """
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -68,6 +70,8 @@ def build_step_batch(
 @torch.inference_mode()
 def forward(model: nn.Module, ctx: ForwardContext, batch: StepBatch) -> torch.Tensor:
     """One forward pass of the HF model over the flat batch -> logits [len(logits_rows), V]."""
+    if ctx.cpu_kernels is not None and batch.cpu_kernels is None:
+        batch = dataclasses.replace(batch, cpu_kernels=ctx.cpu_kernels)
     with ctx.bind(batch):
         out = model(
             input_ids=batch.input_ids.unsqueeze(0),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import torch
 
 if TYPE_CHECKING:
+    from alora_core.model.cpu_kernels import CpuKernels
     from alora_core.model.step_buffers import DeviceStep, StepBuffers
 
 T = TypeVar("T")
@@ -99,6 +100,8 @@ class StepBatch:
     derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
     # CUDA: the step's metadata on the device, read by the paged Triton kernel (model/step_buffers.py)
     device_step: "DeviceStep | None" = None
+    # CPU: the compiled kernels (model/cpu_kernels.py), None = the eager torch path
+    cpu_kernels: "CpuKernels | None" = None
 
     def derive(self, key: object, build: Callable[[], T]) -> T:
         """What `build` derives from this step's layout, built by the first layer that asks for `key`."""
@@ -114,6 +117,7 @@ class ForwardContext:
 
     batch: StepBatch | None = field(default=None)
     buffers: "StepBuffers | None" = field(default=None)
+    cpu_kernels: "CpuKernels | None" = field(default=None)  # handed to every StepBatch this context runs
 
     @contextmanager
     def bind(self, batch: StepBatch) -> Iterator[None]:
