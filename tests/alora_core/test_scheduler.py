@@ -72,18 +72,29 @@ def mixed_requests(engine: Engine) -> list[tuple[str, Callable[..., object]]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["parts", "gathered", "transposed_linears"])
+@pytest.mark.parametrize(
+    "path", ["parts", "eager_parts", "gathered", "transposed_linears", "packed_linears", "plain_linears"]
+)
 def test_concurrent_mixed_batch_equals_one_at_a_time(
     make_engine, oracle: PeftOracle, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the CPU's per-run attention; with the GPU's gathered batches (forced onto the CPU here); and
-    with every CPU linear on the W @ x^T layout at every small row count (whatever calibration picks)."""
+    """With the CPU's batched attention kernel (and, `eager_parts`, its per-run eager path); with the
+    GPU's gathered batches (forced onto the CPU here); and with every CPU linear on one layout at every
+    row count (whatever calibration picks): W @ x^T, the oneDNN-packed weights, or F.linear unfused."""
+    overrides: dict[str, object] = {}
+    if path == "eager_parts":
+        overrides["cpu_kernels"] = False
     if path == "gathered":
         monkeypatch.setattr(attention, "GATHER_DEVICES", frozenset({"cpu", "cuda"}))
-    if path == "transposed_linears":
-        monkeypatch.setattr(cpu_linear, "_choice", lambda *_: (True,) * len(cpu_linear.ROW_BUCKETS))
-    sequential = make_engine(max_num_seqs=1)
-    batched = make_engine(max_num_seqs=64, max_num_batched_tokens=48, prefill_chunk_tokens=32)
+    for layout in ("transposed", "packed"):
+        if path == f"{layout}_linears":
+            monkeypatch.setattr(
+                cpu_linear, "_choice", lambda *_, m=layout: (m,) * len(cpu_linear.ROW_BUCKETS)
+            )
+    if path == "plain_linears":
+        overrides["calibrate_cpu_linears"] = False
+    sequential = make_engine(max_num_seqs=1, **overrides)
+    batched = make_engine(max_num_seqs=64, max_num_batched_tokens=48, prefill_chunk_tokens=32, **overrides)
     for engine in (sequential, batched):
         seed_conversations(engine)
 
