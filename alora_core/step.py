@@ -12,12 +12,14 @@ The scheduler decides which sequences and positions go into each step; this modu
 """
 
 import dataclasses
+import weakref
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from alora_core.kvcache.block_pool import BlockPool
+from alora_core.kvcache.block_table import BlockTable
 from alora_core.model.batch import ForwardContext, LoraBatch, SeqSpan, StepBatch
 from alora_core.model.step_buffers import StepBuffers
 from alora_core.sampling import TokenLogprobs, apply_penalties, gather_logprobs, sample
@@ -29,18 +31,32 @@ Work = tuple[Sequence, int, int]  # (sequence, first position to feed, end posit
 def build_step_batch(
     work: list[Work], pool: BlockPool, device: torch.device, buffers: StepBuffers | None = None
 ) -> StepBatch:
+    """The flat batch in plain Python lists (a few list extends per sequence: no tensor op per
+    sequence), then one tensor per field."""
+    bs = pool.block_size
     ids: list[int] = []
-    positions, slots, adapter_index, spans, logits_rows = [], [], [], [], []
+    positions: list[int] = []
+    slots: list[int] = []
+    adapter_index: list[int] = []
+    spans, logits_rows = [], []
+    adapted = False
     for seq, start, end in work:
-        assert seq.table.capacity >= end, "reserve KV blocks before building the step"
+        table = seq.table
+        assert table.capacity >= end, "reserve KV blocks before building the step"
         row = len(ids)
-        ids += seq.tokens[start:end]
-        pos = torch.arange(start, end)
-        positions.append(pos)
-        slots.append(seq.table.slots(start, end))
-        slot = -1 if seq.adapter_slot is None else seq.adapter_slot
-        adapter_index.append(torch.where(pos >= seq.activation_start, slot, -1))
-        spans.append(SeqSpan(row, end - start, end, seq.table.segments(end)))
+        ids += _tokens(seq, start, end)
+        positions += range(start, end)
+        _extend_slots(slots, table.blocks, bs, start, end)
+        plain = (
+            end - start
+            if seq.adapter_slot is None
+            else min(max(seq.activation_start - start, 0), end - start)
+        )
+        adapter_index += [-1] * plain
+        if plain < end - start:
+            adapter_index += [seq.adapter_slot] * (end - start - plain)  # type: ignore[list-item]
+            adapted = True
+        spans.append(SeqSpan(row, end - start, end, segments(table, end)))
         logits_rows += [row + q - start for q in seq.prompt_rows(start, end)]
         if end == seq.num_tokens:
             logits_rows.append(row + end - start - 1)
@@ -48,23 +64,71 @@ def build_step_batch(
     # (prompt_logprobs, rare) builds its batch directly (attention then takes the gather path)
     if buffers is not None and len(logits_rows) <= max(len(spans), buffers.max_seqs):
         # CUDA: every per-step tensor through one pinned buffer and one copy
-        ints = (
-            torch.tensor(ids, dtype=torch.long),
-            torch.cat(positions),
-            torch.cat(slots),
-            torch.cat(adapter_index),
-        )
+        ints = tuple(torch.tensor(x, dtype=torch.long) for x in (ids, positions, slots, adapter_index))
         return buffers.upload(*ints, torch.tensor(logits_rows, dtype=torch.long), tuple(spans), pool.kv)
-    index = torch.cat(adapter_index).to(device)
+    index = torch.tensor(adapter_index, dtype=torch.long, device=device)
     return StepBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.cat(positions).to(device),
-        slot_mapping=torch.cat(slots).to(device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         seqs=tuple(spans),
         kv=pool.kv,
-        lora=LoraBatch.from_index(index),
+        lora=LoraBatch.from_index(index) if adapted else None,
         logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
     )
+
+
+def _tokens(seq: Sequence, start: int, end: int) -> list[int]:
+    """seq.tokens[start:end] without building the whole prompt + output list."""
+    prompt, n = seq.prompt, len(seq.prompt)
+    if end <= n:
+        return prompt[start:end]
+    if start >= n:
+        return seq.output[start - n : end - n]
+    return prompt[start:] + seq.output[: end - n]
+
+
+def _extend_slots(slots: list[int], blocks: list[int], block_size: int, start: int, end: int) -> None:
+    """slots += the pool slot of each position in [start, end), a range per block touched."""
+    position = start
+    while position < end:
+        block, offset = divmod(position, block_size)
+        stop = min(end, (block + 1) * block_size)
+        first = blocks[block] * block_size + offset
+        slots += range(first, first + stop - position)
+        position = stop
+
+
+# table -> (its blocks when last seen, the segments of those blocks): a decode step extends them
+_SEGMENTS: "weakref.WeakKeyDictionary[BlockTable, tuple[tuple[int, ...], list[tuple[int, int]]]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def segments(table: BlockTable, num_tokens: int) -> tuple[tuple[int, int], ...]:
+    """table.segments(num_tokens) (pool slot runs covering positions 0..num_tokens-1), from the runs of
+    the table's blocks as last seen when they are still its first blocks: a long sequence's runs are not
+    rebuilt block by block every step."""
+    bs = table.pool.block_size
+    count = -(-num_tokens // bs)
+    blocks = table.blocks
+    seen, runs = _SEGMENTS.get(table, ((), []))
+    if len(seen) > count or tuple(blocks[: len(seen)]) != seen:
+        seen, runs = (), []
+    if len(seen) < count:
+        runs = list(runs)
+        for block in blocks[len(seen) : count]:
+            first = block * bs
+            if runs and runs[-1][1] == first:
+                runs[-1] = (runs[-1][0], first + bs)
+            else:
+                runs.append((first, first + bs))
+        seen = tuple(blocks[:count])
+        _SEGMENTS[table] = (seen, runs)
+    if not runs:
+        return ()
+    last_start, last_end = runs[-1]
+    return (*runs[:-1], (last_start, last_end - (count * bs - num_tokens)))
 
 
 @torch.inference_mode()
