@@ -132,20 +132,16 @@ def paged_attention_forward(
     gather = query.device.type in GATHER_DEVICES
     # which sequences take SDPA depends on these too: plans are per (window, sdpa) routing
     sdpa = softcap is None and sinks is None
-    covered: frozenset[int] = frozenset()  # sequences the CPU kernel served
     kernels = step_batch.cpu_kernels
-    if kernels is not None and _kernel_serves(query, k_cache):
-        routed = step_batch.derive(("kernel", sdpa), lambda: kernel_plan(step_batch.seqs, sdpa))
-        if routed is not None:
-            plan, covered = routed
-            q_rows = query[0].transpose(0, 1)  # [T, H, D]
-            features = {"window": window, "softcap": softcap, "sinks": sinks}
-            paged_attention_cpu.attend(kernels, plan, q_rows, k_cache, v_cache, out, scale, **features)
+    if kernels is not None and _kernel_serves(query, k_cache):  # CPU: one kernel call for every sequence
+        plan = step_batch.derive("kernel", lambda: kernel_plan(step_batch.seqs))
+        q_rows = query[0].transpose(0, 1)  # [T, H, D]
+        features = {"window": window, "softcap": softcap, "sinks": sinks}
+        paged_attention_cpu.attend(kernels, plan, q_rows, k_cache, v_cache, out, scale, **features)
+        return out.unsqueeze(0), None
     short: list[SeqSpan] = []  # the gathered path's sequences
     by_first_slot: dict[int, list[tuple[slice, torch.Tensor, Segments, int]]] = defaultdict(list)
-    for i, seq in enumerate(seqs):
-        if i in covered:
-            continue
+    for seq in seqs:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         q = query[0, :, rows]  # [H, t, D]
         q_offset = seq.context_len - seq.query_len
@@ -189,34 +185,22 @@ def _kernel_serves(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     )
 
 
-def kernel_plan(
-    seqs: tuple[SeqSpan, ...], sdpa: bool
-) -> tuple[paged_attention_cpu.KernelPlan, frozenset[int]] | None:
-    """The CPU kernel's plan for a step: every sequence the SDPA path does not take, grouped by first pool
-    slot (forks), where each member of the group has fewer than SDPA_MIN_QUERIES new tokens and the group
-    at most MAX_GROUP_ROWS; the others keep the fork path. Returns (plan, indices of the sequences it
-    serves), or None. Built once a step; positions are the spans' own (the kernel applies any window)."""
-    by_first_slot: dict[int, list[int]] = defaultdict(list)
-    for i, seq in enumerate(seqs):
-        if not (sdpa and _use_sdpa(seq.kv_segments, seq.query_len)):
-            by_first_slot[seq.kv_segments[0][0]].append(i)
-    groups, covered = [], []
-    for members in by_first_slot.values():
-        spans = tuple(seqs[i] for i in members)
-        rows = sum(s.query_len for s in spans)
-        if max(s.query_len for s in spans) >= SDPA_MIN_QUERIES or rows > paged_attention_cpu.MAX_GROUP_ROWS:
-            continue
+def kernel_plan(seqs: tuple[SeqSpan, ...]) -> paged_attention_cpu.KernelPlan:
+    """The CPU kernel's plan for a step: every sequence, grouped by first pool slot (forks share their
+    prefix). Built once a step; positions are the spans' own (the kernel applies any window)."""
+    by_first_slot: dict[int, list[SeqSpan]] = defaultdict(list)
+    for seq in seqs:
+        by_first_slot[seq.kv_segments[0][0]].append(seq)
+    groups = []
+    for spans in by_first_slot.values():
         if len(spans) == 1:
             shared, owns = spans[0].kv_segments, ((),)
         else:
             shared = _common_runs([s.kv_segments for s in spans], min(s.context_len for s in spans))
             n = sum(e - s for s, e in shared)
             owns = tuple(_skip(s.kv_segments, n) for s in spans)
-        groups.append(paged_attention_cpu.KernelGroup(spans, shared, owns))
-        covered += members
-    if not groups:
-        return None
-    return paged_attention_cpu.build_plan(groups), frozenset(covered)
+        groups.append(paged_attention_cpu.KernelGroup(tuple(spans), shared, owns))
+    return paged_attention_cpu.build_plan(groups)
 
 
 def _refuse_unhandled(

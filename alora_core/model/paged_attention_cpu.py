@@ -29,7 +29,7 @@ from alora_core.model.cpu_kernels import CpuKernels, PagedArgs
 Segments = tuple[tuple[int, int], ...]
 
 SPLIT_KEYS = 512  # runs are cut at positions that are multiples of this
-MAX_GROUP_ROWS = 128  # a group with more query rows (x G heads each) takes the eager path
+ITEM_ROWS = 128  # an item holds at most this many rows: a longer prefill chunk is several (parallel) tasks
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ def build_plan(groups: list[KernelGroup]) -> KernelPlan:
             row_pos.extend(range(seq.context_len - seq.query_len, seq.context_len))
             parts.extend([] for _ in range(seq.query_len))
             bounds.append((lo, len(row_q)))
-        _add_runs(items, parts, group.shared, 0, group_lo, len(row_q))
+        _add_runs(items, parts, row_pos, group.shared, 0, group_lo, len(row_q))
         shared = sum(e - s for s, e in group.shared)
         for (lo, hi), own in zip(bounds, group.owns, strict=True):
-            _add_runs(items, parts, own, shared, lo, hi)
+            _add_runs(items, parts, row_pos, own, shared, lo, hi)
     ptr = [0]
     for p in parts:
         ptr.append(ptr[-1] + len(p))
@@ -100,21 +100,27 @@ def build_plan(groups: list[KernelGroup]) -> KernelPlan:
 def _add_runs(
     items: list[tuple[int, int, int, int, int, int]],
     parts: list[list[int]],
+    row_pos: list[int],
     runs: Segments,
     position: int,
     row_lo: int,
     row_hi: int,
 ) -> None:
-    """Items for `runs` (first key at `position`) over plan rows [row_lo, row_hi), cut at multiples of
-    SPLIT_KEYS; each item's partials are numbered after the last one's."""
+    """Items for `runs` (first key at `position`) over plan rows [row_lo, row_hi) (in blocks of at most
+    ITEM_ROWS), cut at multiples of SPLIT_KEYS; a row block whose rows all precede the keys gets no
+    item. Each item's partials are numbered after the last one's."""
     part = items[-1][5] + items[-1][1] - items[-1][0] if items else 0
     for start, end in runs:
         while start < end:
             cut = min(end, start + SPLIT_KEYS - position % SPLIT_KEYS)
-            items.append((row_lo, row_hi, start, cut - start, position, part))
-            for r in range(row_lo, row_hi):
-                parts[r].append(part + r - row_lo)
-            part += row_hi - row_lo
+            for lo in range(row_lo, row_hi, ITEM_ROWS):
+                hi = min(row_hi, lo + ITEM_ROWS)
+                if max(row_pos[lo:hi]) < position:  # no row of the block sees these keys (causal)
+                    continue
+                items.append((lo, hi, start, cut - start, position, part))
+                for r in range(lo, hi):
+                    parts[r].append(part + r - lo)
+                part += hi - lo
             position += cut - start
             start = cut
 

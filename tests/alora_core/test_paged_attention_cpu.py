@@ -82,7 +82,7 @@ def make_case(
     block, num_blocks = 16, 256
     forks = [rng.choice([1, 1, 2, 4]) for _ in range(rng.randint(1, 5))]
     count = sum(forks)
-    queries = [rng.choice([1, 1, 1, 2, 6, 15]) for _ in range(count)]
+    queries = [rng.choice([1, 1, 1, 2, 6, 15, 40, 200]) for _ in range(count)]
     lengths = [rng.randint(q + 1, 700) for q in queries]
     layouts = random_layout(rng, num_blocks, block, forks, lengths)
     spans, row = [], 0
@@ -109,14 +109,12 @@ def feature_kwargs(name: str, heads: int) -> dict[str, object]:
 def test_kernel_matches_the_dense_reference(
     kernels: CpuKernels, name: str, heads: int, kv_heads: int, dim: int, seed: int
 ) -> None:
-    """Random fork groups over fragmented pool layouts; 1 to 15 query rows per sequence (G * rows from
-    1 to 90 query vectors: both of the kernel's paths, the lanes one over several chunks of 16)."""
+    """Random fork groups over fragmented pool layouts; 1 to 200 query rows per sequence: decode rows
+    (the kernel's dot path), invocations and chunks (the lanes path, over several chunks of 16 query
+    vectors), prefill chunks of more than ITEM_ROWS rows (several row blocks, causal skipping)."""
     spans, query, k_cache, v_cache = make_case(seed * 100 + heads, heads, kv_heads, dim)
     extra = feature_kwargs(name, heads)
-    routed = attention.kernel_plan(tuple(spans), sdpa=True)
-    assert routed is not None
-    plan, covered = routed
-    assert covered == frozenset(range(len(spans)))
+    plan = attention.kernel_plan(tuple(spans))
     out = torch.full((query.shape[2], heads, dim), float("nan"))
 
     paged_attention_cpu.attend(kernels, plan, query[0].transpose(0, 1), k_cache, v_cache, out, 0.3, **extra)  # type: ignore[arg-type]
@@ -141,9 +139,9 @@ def test_reference_agrees_with_the_eager_path() -> None:
 
 @pytest.mark.parametrize("name", sorted(FEATURES))
 def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str) -> None:
-    """paged_attention_forward with the kernel (its routing, the K/V write, the rows it leaves to SDPA)
-    equals the same step without it. Row 0's sequence is a 20-token single-run prefill (SDPA, or the
-    fork path when soft-capped or with sinks): the kernel leaves it alone."""
+    """paged_attention_forward with the kernel (the K/V write, then every row by the kernel) equals the
+    same step on the eager path (row 0's sequence is a 20-token single-run prefill: SDPA there, or the
+    fork path when soft-capped or with sinks)."""
     kv_heads, heads, dim, slots = 2, 4, 32, 2048
     spans = [
         SeqSpan(0, 20, 120, ((100, 220),)),
@@ -189,9 +187,9 @@ def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str) -> 
         )
         outs.append(out)
         if use_kernel:
-            routed = batch.derived[("kernel", "softcap" not in extra and "sinks" not in extra)]
-            assert routed is not None
-            assert routed[1] == {1, 2, 3}
+            plan = batch.derived["kernel"]
+            assert isinstance(plan, paged_attention_cpu.KernelPlan)
+            assert sorted(set(plan.row_q.tolist())) == list(range(rows))  # every row by the kernel
     torch.testing.assert_close(outs[0], outs[1], atol=3e-5, rtol=3e-5)
 
 
@@ -208,9 +206,8 @@ def test_a_fan_out_reads_its_shared_prefix_once() -> None:
         )
         for i in range(4)
     )
-    plan, covered = attention.kernel_plan(spans, sdpa=True)  # type: ignore[misc]
+    plan = attention.kernel_plan(spans)
 
-    assert covered == {0, 1, 2, 3}
     items = plan.items.tolist()
     shared = [it for it in items if it[2] < 4000]
     own = [it for it in items if it[2] >= 4000]
@@ -231,7 +228,7 @@ def test_a_rows_output_does_not_depend_on_the_other_sequences_of_the_step(kernel
     assert alone, "the case has a decode row"
     outs = []
     for seqs in (alone, [s for s in spans if s.kv_segments[0][0] != alone[0].kv_segments[0][0]] + alone):
-        plan, _ = attention.kernel_plan(tuple(seqs), sdpa=True)  # type: ignore[misc]
+        plan = attention.kernel_plan(tuple(seqs))
         out = torch.zeros(q.shape)
         paged_attention_cpu.attend(kernels, plan, q, k_cache, v_cache, out, 0.2)
         outs.append(out[alone[0].query_start])
