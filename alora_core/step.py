@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from alora_core import threads
 from alora_core.kvcache.block_pool import BlockPool
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.model.batch import ForwardContext, LoraBatch, SeqSpan, StepBatch
@@ -156,6 +157,7 @@ def run_step(
     device: torch.device,
 ) -> None:
     """Feed each sequence's [start, end) and sample the next token of those that reached their end."""
+    threads.prepare_current_thread()  # the scheduler thread's thread counts and pinning, once
     # the logits rows, in build_step_batch's order: each sequence's scored prompt rows, then its last
     scored: list[tuple[Sequence, range, int]] = []  # (seq, positions, first logits row)
     sampling: list[Sequence] = []

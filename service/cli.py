@@ -14,6 +14,7 @@ from types import FrameType
 import uvicorn
 from transformers.utils import logging as hf_logging
 
+from alora_core import threads
 from service.app import QuietRefusal, create_app
 from service.metrics import Metrics
 from service.middleware import Drain
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     hf_logging.disable_progress_bar()  # one line per event in the log, not tqdm bars
+    threads.configure(settings.cpu_threads or None, settings.cpu_bind)  # before any torch work
     serve(settings)
 
 

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from alora_core import Engine, EngineConfig
+from alora_core import Engine, EngineConfig, threads
 from alora_core.errors import AdapterLoadError
 from alora_core.fixtures import write_demo
 from service.outputs import JsonFormat, LabelsFormat, NumberFormat, load_output_format
@@ -96,7 +96,10 @@ def build_engine(settings: Settings, sources: Sources) -> Engine:
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         max_waiting=settings.max_waiting,
     )
-    return Engine.from_config(config, adapters=dict(sources.adapters))
+    # on a thread of its own: the start-up forwards (calibration, probe) leave no OpenMP team behind
+    return threads.run_on_short_lived_thread(
+        lambda: Engine.from_config(config, adapters=dict(sources.adapters))
+    )
 
 
 def load_output_formats(engine: Engine) -> OutputFormats:

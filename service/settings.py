@@ -92,6 +92,20 @@ class Settings(BaseSettings):
         512, ge=1, description="New tokens per forward, all sequences together (bounds decode latency)."
     )
     prefill_chunk_tokens: int = Field(512, ge=1, description="New tokens of one sequence per forward.")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Threads of the model's forwards (torch intra-op / OpenMP). 0: the CPUs the process "
+        "may use (its affinity, capped by its cgroup CPU quota). See docs/cpu-performance.md.",
+    )
+    cpu_bind: str | None = Field(
+        None,
+        pattern=r"^(auto|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
+        description="Pin the forward threads one per CPU: a list such as 0-7, or auto (the CPUs the "
+        "process may use, in order). For exclusive cores (Guaranteed QoS with the static CPU manager). "
+        "Default: not pinned.",
+    )
     max_waiting: int = Field(256, ge=1, description="Queued requests before new ones get 429 (Retry-After).")
     redis_url: str | None = Field(
         None,

@@ -23,7 +23,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention_cpu.c",)
+SOURCES = (
+    Path(__file__).parent / "csrc" / "paged_attention_cpu.c",
+)  # + bind_threads (alora_core/threads.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
 COMPILE_TIMEOUT_S = 120.0
 ENV_SWITCH = "ALORA_CPU_KERNELS"  # "0": never compile or load the kernels
@@ -72,6 +74,12 @@ class CpuKernels:
     def paged_attention(self, args: PagedArgs) -> None:
         if self.library.paged_attention(ctypes.byref(args)):
             raise MemoryError("paged_attention: scratch allocation failed")
+
+    def bind_threads(self, cpus: tuple[int, ...]) -> None:
+        """Pin the calling thread's OpenMP team (as many threads as `cpus`), thread i to cpus[i]."""
+        array = (ctypes.c_int64 * len(cpus))(*cpus)
+        if self.library.bind_threads(array, len(cpus)):
+            raise OSError(f"could not pin OpenMP threads to CPUs {list(cpus)}")
 
 
 @functools.cache
@@ -134,6 +142,8 @@ def _build(compiler: str) -> CpuKernels:
     library = ctypes.CDLL(str(target))
     library.paged_attention.argtypes = [ctypes.POINTER(PagedArgs)]
     library.paged_attention.restype = ctypes.c_int
+    library.bind_threads.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    library.bind_threads.restype = ctypes.c_int
     log.info("CPU kernels: %s (%s)", target.name, f"compiled in {compile_s:.1f} s" if compile_s else "cached")
     return CpuKernels(library, target, compile_s)
 

@@ -210,6 +210,21 @@ def test_images_install_the_tested_line_and_no_test_tools(variant: str) -> None:
     assert docker_ignored("tests/conftest.py")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_images_carry_a_c_compiler_for_the_cpu_kernels(variant: str) -> None:
+    """The CPU attention kernel is compiled at start-up for the CPU it runs on: each image has gcc and
+    the C library headers, and a writable cache for the build under /tmp (read-only root filesystem)."""
+    runs = " ".join(i["value"] for _, _, body in chain(variant) for i in body if i["instruction"] == "RUN")
+    installs = re.findall(r"apt-get install [^&]*", runs)
+    assert any("gcc" in line and "libc6-dev" in line for line in installs), installs
+    env: dict[str, str] = {}
+    for _, _, body in chain(variant):
+        for i in body:
+            if i["instruction"] == "ENV":
+                env.update(dict(re.findall(r"(\w+)=(\S+)", i["value"])))
+    assert env["XDG_CACHE_HOME"].startswith("/tmp/")
+
+
 def test_compose_services_are_built_here_and_wired_together(monkeypatch: pytest.MonkeyPatch) -> None:
     compose = yaml_file(DEPLOY / "docker-compose.yml")
     services = compose["services"]

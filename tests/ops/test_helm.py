@@ -173,6 +173,28 @@ def test_default_values_serve_the_demo_on_cpu() -> None:
     assert kinds == {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap"}
 
 
+def test_cpu_replicas_are_guaranteed_and_run_as_many_threads_as_their_cpu_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Default values: requests = limits in whole CPUs (Guaranteed QoS), the forward threads = the CPU
+    limit (rounded up); config.cpu_threads wins over it; a GPU replica leaves the count to the server."""
+    container = server_container(render(None))
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]
+    assert str(resources["limits"]["cpu"]).isdigit()
+    env = env_of(container)
+    assert env["ALORA_CPU_THREADS"] == str(resources["limits"]["cpu"])
+    assert "ALORA_CPU_BIND" not in env  # pinning only where cores are exclusive: opt in
+    fractional = {"resources": {"limits": {"cpu": "2500m"}, "requests": {"cpu": "2500m"}}}
+    assert env_of(server_container(render(fractional)))["ALORA_CPU_THREADS"] == "3"
+    chosen = server_container(render({"config": {"cpu_threads": 5, "cpu_bind": "auto"}}))
+    assert [e["name"] for e in chosen["env"]].count("ALORA_CPU_THREADS") == 1
+    assert env_of(chosen)["ALORA_CPU_THREADS"] == "5" and env_of(chosen)["ALORA_CPU_BIND"] == "auto"
+    check_settings_env(env_of(chosen), monkeypatch)
+    gpu = env_of(server_container(render(values_file("values-gpu-redis.yaml"))))
+    assert "ALORA_CPU_THREADS" not in gpu
+
+
 def test_gpu_external_redis_values() -> None:
     manifests = render(values_file("values-gpu-redis.yaml"))
     container = server_container(manifests)

@@ -18,7 +18,10 @@
  * per-task buffer, each key block is read once for all of them (a fork group's shared prefix is read
  * once per step for every fork). Keys are visited in blocks of 16 (one vector of scores) with an online softmax.
  */
+#define _GNU_SOURCE
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -349,6 +352,23 @@ int paged_attention(const PagedArgs *a) {
         free(buf);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < a->num_rows; r++) merge_row(a, r);
+    }
+    return failed;
+}
+
+/* Pin the calling thread's OpenMP team, thread i to cpus[i] (libgomp keeps a team's threads for the
+ * master's later parallel regions, so the pinning lasts). Returns 0, or 1 if a thread could not be. */
+int bind_threads(const int64_t *cpus, int64_t n) {
+    int failed = 0;
+#pragma omp parallel num_threads(n)
+    {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET((int)cpus[omp_get_thread_num()], &set);
+        if (sched_setaffinity(0, sizeof(set), &set)) {
+#pragma omp atomic write
+            failed = 1;
+        }
     }
     return failed;
 }

@@ -63,3 +63,13 @@ $(REDIS_PASSWORD) spliced in. */}}
 {{- .Values.redis.external.url -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A CPU quantity ("2", 2, "1500m") rounded up to whole CPUs: the forward threads of a CPU replica. */}}
+{{- define "alora.wholeCpus" -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "m" $q -}}
+{{- div (add (trimSuffix "m" $q | int) 999) 1000 | max 1 -}}
+{{- else -}}
+{{- ceil (float64 $q) | int | max 1 -}}
+{{- end -}}
+{{- end -}}
