@@ -50,7 +50,7 @@ from alora_core.kvcache.remote import RemoteCache
 from alora_core.kvcache.stats import CacheCounters, CacheStats
 from alora_core.kvcache.tiers import TieredCache
 from alora_core.lora.registry import AdapterRegistry
-from alora_core.model import cpu_linear
+from alora_core.model import cpu_linear, fused_cpu
 from alora_core.model.batch import ForwardContext
 from alora_core.model.coverage import probe
 from alora_core.model.cpu_kernels import load as load_cpu_kernels
@@ -195,6 +195,8 @@ class Engine:
         self.ctx = ForwardContext()
         if loaded.device.type == "cpu" and config.cpu_kernels:
             self.ctx.cpu_kernels = load_cpu_kernels()  # None (one warning) without a C compiler
+            if self.ctx.cpu_kernels is not None:  # RMSNorm and SiLU-and-mul in one pass each
+                fused_cpu.install(loaded.model, self.ctx.cpu_kernels)
         if paged_kernel_available(loaded.device):  # CUDA: step metadata on the device, the paged kernel
             self.ctx.buffers = StepBuffers(
                 max_tokens=config.max_num_batched_tokens,

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 SOURCES = (
@@ -74,6 +76,42 @@ class CpuKernels:
     def paged_attention(self, args: PagedArgs) -> None:
         if self.library.paged_attention(ctypes.byref(args)):
             raise MemoryError("paged_attention: scratch allocation failed")
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [..., D] (float32, unit stride in D, rows at a fixed stride) -> RMS-normalized x * weight."""
+        rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+        x2 = x.reshape(rows, dim)
+        out = torch.empty(rows, dim)
+        c = ctypes.c_void_p
+        self.library.rms_norm(
+            c(x2.data_ptr()),
+            x2.stride(0),
+            c(weight.data_ptr()),
+            c(out.data_ptr()),
+            rows,
+            dim,
+            eps,
+            _threads(),
+        )
+        return out.view(x.shape)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for [..., D] float32 views (unit stride in D): one pass, no temporaries."""
+        rows, dim = gate.numel() // gate.shape[-1], gate.shape[-1]
+        g2, u2 = gate.reshape(rows, dim), up.reshape(rows, dim)
+        out = torch.empty(rows, dim)
+        c = ctypes.c_void_p
+        self.library.silu_mul(
+            c(g2.data_ptr()),
+            g2.stride(0),
+            c(u2.data_ptr()),
+            u2.stride(0),
+            c(out.data_ptr()),
+            rows,
+            dim,
+            _threads(),
+        )
+        return out.view(gate.shape)
 
     def bind_threads(self, cpus: tuple[int, ...]) -> None:
         """Pin the calling thread's OpenMP team (as many threads as `cpus`), thread i to cpus[i]."""
@@ -144,6 +182,11 @@ def _build(compiler: str) -> CpuKernels:
     library.paged_attention.restype = ctypes.c_int
     library.bind_threads.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
     library.bind_threads.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, i64]
+    library.rms_norm.restype = None
+    library.silu_mul.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64]
+    library.silu_mul.restype = None
     log.info("CPU kernels: %s (%s)", target.name, f"compiled in {compile_s:.1f} s" if compile_s else "cached")
     return CpuKernels(library, target, compile_s)
 
@@ -172,3 +215,7 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return ""
+
+
+def _threads() -> int:
+    return torch.get_num_threads()

@@ -372,3 +372,33 @@ int bind_threads(const int64_t *cpus, int64_t n) {
     }
     return failed;
 }
+
+/* ---- fused elementwise work of a decoder layer (model/fused_cpu.py) ---- */
+
+/* y[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w: float32 rows of `dim` (a multiple of 16) */
+void rms_norm(const float *x, int64_t x_stride, const float *w, float *y, int64_t rows, int64_t dim,
+              float eps, int64_t threads) {
+#pragma omp parallel for num_threads(rows > 16 ? threads : 1) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        vf acc = splat(0.f);
+        for (int64_t c = 0; c < dim; c += LANES) acc += LOAD(xr + c) * LOAD(xr + c);
+        const float inv = 1.f / sqrtf(hsum(acc) / (float)dim + eps);
+        float *yr = y + r * dim;
+        for (int64_t c = 0; c < dim; c += LANES) STORE(yr + c, LOAD(w + c) * (LOAD(xr + c) * splat(inv)));
+    }
+}
+
+/* out[r] = silu(gate[r]) * up[r] = gate / (1 + e^-gate) * up: float32 rows of `dim` (a multiple of 16) */
+void silu_mul(const float *gate, int64_t gate_stride, const float *up, int64_t up_stride, float *out,
+              int64_t rows, int64_t dim, int64_t threads) {
+#pragma omp parallel for num_threads(rows > 16 ? threads : 1) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate + r * gate_stride, *u = up + r * up_stride;
+        float *o = out + r * dim;
+        for (int64_t c = 0; c < dim; c += LANES) {
+            const vf x = LOAD(g + c);
+            STORE(o + c, x / (splat(1.f) + vexp(-x)) * LOAD(u + c));
+        }
+    }
+}
