@@ -51,6 +51,7 @@ from alora_core.kvcache.stats import CacheCounters, CacheStats
 from alora_core.kvcache.tiers import TieredCache
 from alora_core.lora.registry import AdapterRegistry
 from alora_core.model import cpu_linear, fused_cpu
+from alora_core.model.attention import kernel_wins_prefill
 from alora_core.model.batch import ForwardContext
 from alora_core.model.coverage import probe
 from alora_core.model.cpu_kernels import load as load_cpu_kernels
@@ -197,6 +198,10 @@ class Engine:
             self.ctx.cpu_kernels = load_cpu_kernels()  # None (one warning) without a C compiler
             if self.ctx.cpu_kernels is not None:  # RMSNorm and SiLU-and-mul in one pass each
                 fused_cpu.install(loaded.model, self.ctx.cpu_kernels)
+                heads = loaded.model.config.get_text_config().num_attention_heads
+                self.ctx.kernel_prefill = kernel_wins_prefill(
+                    self.ctx.cpu_kernels, heads, shape.num_kv_heads, shape.head_dim
+                )
         if paged_kernel_available(loaded.device):  # CUDA: step metadata on the device, the paged kernel
             self.ctx.buffers = StepBuffers(
                 max_tokens=config.max_num_batched_tokens,

@@ -136,7 +136,7 @@ def segments(table: BlockTable, num_tokens: int) -> tuple[tuple[int, int], ...]:
 def forward(model: nn.Module, ctx: ForwardContext, batch: StepBatch) -> torch.Tensor:
     """One forward pass of the HF model over the flat batch -> logits [len(logits_rows), V]."""
     if ctx.cpu_kernels is not None and batch.cpu_kernels is None:
-        batch = dataclasses.replace(batch, cpu_kernels=ctx.cpu_kernels)
+        batch = dataclasses.replace(batch, cpu_kernels=ctx.cpu_kernels, kernel_prefill=ctx.kernel_prefill)
     with ctx.bind(batch):
         out = model(
             input_ids=batch.input_ids.unsqueeze(0),

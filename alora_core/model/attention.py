@@ -48,7 +48,9 @@ shared by every layer:
 
 import dataclasses
 import functools
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +60,14 @@ from transformers import AttentionInterface
 from alora_core.errors import UnsupportedModelError
 from alora_core.model import paged_attention_cpu
 from alora_core.model.batch import SeqSpan, StepBatch
+from alora_core.model.cpu_kernels import CpuKernels
 
 ATTN_IMPLEMENTATION = "alora_paged"
 
 # Above this many query rows a contiguous sequence uses SDPA (fused, causal mask built in).
 SDPA_MIN_QUERIES = 16
+# Queries of the prefill chunk timed at start-up to choose the CPU kernel or SDPA for long chunks.
+PREFILL_PROBE = 256
 # Bound on the score matrix of the matmul reference path (elements); rows are processed in chunks below it.
 MAX_SCORE_ELEMENTS = 1 << 24
 # Devices whose short-query sequences attend in gathered, padded batches (one SDPA call per batch).
@@ -133,15 +138,23 @@ def paged_attention_forward(
     # which sequences take SDPA depends on these too: plans are per (window, sdpa) routing
     sdpa = softcap is None and sinks is None
     kernels = step_batch.cpu_kernels
-    if kernels is not None and _kernel_serves(query, k_cache):  # CPU: one kernel call for every sequence
-        plan = step_batch.derive("kernel", lambda: kernel_plan(step_batch.seqs))
-        q_rows = query[0].transpose(0, 1)  # [T, H, D]
-        features = {"window": window, "softcap": softcap, "sinks": sinks}
-        paged_attention_cpu.attend(kernels, plan, q_rows, k_cache, v_cache, out, scale, **features)
-        return out.unsqueeze(0), None
+    covered: frozenset[int] = frozenset()  # the sequences the CPU kernel served
+    if kernels is not None and _kernel_serves(query, k_cache):  # CPU: one kernel call for the step
+        leave_prefill = sdpa and not step_batch.kernel_prefill  # long single-run chunks: ATen's SDPA
+        plan, covered = step_batch.derive(
+            ("kernel", leave_prefill), lambda: kernel_plan(step_batch.seqs, leave_prefill)
+        )
+        if plan is not None:
+            q_rows = query[0].transpose(0, 1)  # [T, H, D]
+            features = {"window": window, "softcap": softcap, "sinks": sinks}
+            paged_attention_cpu.attend(kernels, plan, q_rows, k_cache, v_cache, out, scale, **features)
+        if len(covered) == len(seqs):
+            return out.unsqueeze(0), None
     short: list[SeqSpan] = []  # the gathered path's sequences
     by_first_slot: dict[int, list[tuple[slice, torch.Tensor, Segments, int]]] = defaultdict(list)
-    for seq in seqs:
+    for i, seq in enumerate(seqs):
+        if i in covered:
+            continue
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         q = query[0, :, rows]  # [H, t, D]
         q_offset = seq.context_len - seq.query_len
@@ -185,22 +198,70 @@ def _kernel_serves(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     )
 
 
-def kernel_plan(seqs: tuple[SeqSpan, ...]) -> paged_attention_cpu.KernelPlan:
-    """The CPU kernel's plan for a step: every sequence, grouped by first pool slot (forks share their
-    prefix). Built once a step; positions are the spans' own (the kernel applies any window)."""
-    by_first_slot: dict[int, list[SeqSpan]] = defaultdict(list)
-    for seq in seqs:
-        by_first_slot[seq.kv_segments[0][0]].append(seq)
+def kernel_plan(
+    seqs: tuple[SeqSpan, ...], leave_prefill: bool = False
+) -> tuple[paged_attention_cpu.KernelPlan | None, frozenset[int]]:
+    """The CPU kernel's plan for a step: its sequences grouped by first pool slot (forks share their
+    prefix), and the indices of those it serves: every sequence, or with `leave_prefill` all but the
+    single-run chunks of SDPA_MIN_QUERIES tokens or more (ATen's SDPA takes them). Built once a step;
+    positions are the spans' own (the kernel applies any window)."""
+    by_first_slot: dict[int, list[int]] = defaultdict(list)
+    for i, seq in enumerate(seqs):
+        if not (leave_prefill and _use_sdpa(seq.kv_segments, seq.query_len)):
+            by_first_slot[seq.kv_segments[0][0]].append(i)
     groups = []
-    for spans in by_first_slot.values():
+    for members in by_first_slot.values():
+        spans = tuple(seqs[i] for i in members)
         if len(spans) == 1:
             shared, owns = spans[0].kv_segments, ((),)
         else:
             shared = _common_runs([s.kv_segments for s in spans], min(s.context_len for s in spans))
             n = sum(e - s for s, e in shared)
             owns = tuple(_skip(s.kv_segments, n) for s in spans)
-        groups.append(paged_attention_cpu.KernelGroup(tuple(spans), shared, owns))
-    return paged_attention_cpu.build_plan(groups)
+        groups.append(paged_attention_cpu.KernelGroup(spans, shared, owns))
+    covered = frozenset(i for members in by_first_slot.values() for i in members)
+    return (paged_attention_cpu.build_plan(groups) if groups else None), covered
+
+
+def kernel_wins_prefill(
+    kernels: CpuKernels,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    timer: Callable[[Callable[[], object]], float] | None = None,
+) -> bool:
+    """Whether the CPU kernel computes a prefill chunk (PREFILL_PROBE queries over as many cached keys
+    and their own) faster than ATen's SDPA does for this head layout, timed once at start-up in this
+    thread's CPU time: the kernel won on the AMD CI VM (512 queries over 8192 keys 1.4x); ATen's SDPA
+    runs on MKL's GEMMs, which other CPUs serve better."""
+    t, n = PREFILL_PROBE, 2 * PREFILL_PROBE
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(kv_heads, n, head_dim, generator=gen) for _ in range(2))
+    query = torch.randn(1, t, heads, head_dim, generator=gen).transpose(1, 2)  # the model's layout
+    seq = SeqSpan(query_start=0, query_len=t, context_len=n, kv_segments=((0, n),))
+    plan = paged_attention_cpu.build_plan([paged_attention_cpu.KernelGroup((seq,), seq.kv_segments, ((),))])
+    out = torch.empty(t, heads, head_dim)
+    scale = head_dim**-0.5
+
+    def by_kernel() -> None:
+        paged_attention_cpu.attend(kernels, plan, query[0].transpose(0, 1), k_cache, v_cache, out, scale)
+
+    def by_sdpa() -> None:
+        attend(query[0], k_cache, v_cache, seq.kv_segments, n - t, scale)
+
+    timer = timer or _fastest_cpu_s
+    with torch.inference_mode():
+        return timer(by_kernel) <= timer(by_sdpa)
+
+
+def _fastest_cpu_s(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best
 
 
 def _refuse_unhandled(

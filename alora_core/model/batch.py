@@ -102,6 +102,8 @@ class StepBatch:
     device_step: "DeviceStep | None" = None
     # CPU: the compiled kernels (model/cpu_kernels.py), None = the eager torch path
     cpu_kernels: "CpuKernels | None" = None
+    # CPU: long single-run prefill chunks by the kernel too (else ATen's SDPA); measured at start-up
+    kernel_prefill: bool = True
 
     def derive(self, key: object, build: Callable[[], T]) -> T:
         """What `build` derives from this step's layout, built by the first layer that asks for `key`."""
@@ -117,7 +119,9 @@ class ForwardContext:
 
     batch: StepBatch | None = field(default=None)
     buffers: "StepBuffers | None" = field(default=None)
-    cpu_kernels: "CpuKernels | None" = field(default=None)  # handed to every StepBatch this context runs
+    # handed to every StepBatch this context runs (see StepBatch)
+    cpu_kernels: "CpuKernels | None" = field(default=None)
+    kernel_prefill: bool = field(default=True)
 
     @contextmanager
     def bind(self, batch: StepBatch) -> Iterator[None]:

@@ -114,7 +114,8 @@ def test_kernel_matches_the_dense_reference(
     vectors), prefill chunks of more than ITEM_ROWS rows (several row blocks, causal skipping)."""
     spans, query, k_cache, v_cache = make_case(seed * 100 + heads, heads, kv_heads, dim)
     extra = feature_kwargs(name, heads)
-    plan = attention.kernel_plan(tuple(spans))
+    plan, covered = attention.kernel_plan(tuple(spans))
+    assert plan is not None and covered == set(range(len(spans)))
     out = torch.full((query.shape[2], heads, dim), float("nan"))
 
     paged_attention_cpu.attend(kernels, plan, query[0].transpose(0, 1), k_cache, v_cache, out, 0.3, **extra)  # type: ignore[arg-type]
@@ -137,11 +138,13 @@ def test_reference_agrees_with_the_eager_path() -> None:
             )
 
 
+@pytest.mark.parametrize("kernel_prefill", [True, False])
 @pytest.mark.parametrize("name", sorted(FEATURES))
-def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str) -> None:
-    """paged_attention_forward with the kernel (the K/V write, then every row by the kernel) equals the
-    same step on the eager path (row 0's sequence is a 20-token single-run prefill: SDPA there, or the
-    fork path when soft-capped or with sinks)."""
+def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str, kernel_prefill: bool) -> None:
+    """paged_attention_forward with the kernel (the K/V write, then the kernel's rows) equals the same
+    step on the eager path. Row 0's sequence is a 20-token single-run prefill chunk: the kernel's with
+    kernel_prefill, else ATen's SDPA (the eager path's; but soft-capped or with sinks, SDPA cannot, so
+    the kernel's again)."""
     kv_heads, heads, dim, slots = 2, 4, 32, 2048
     spans = [
         SeqSpan(0, 20, 120, ((100, 220),)),
@@ -166,6 +169,7 @@ def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str) -> 
             lora=None,
             logits_rows=torch.zeros(0, dtype=torch.long),
             cpu_kernels=kernels if use_kernel else None,
+            kernel_prefill=kernel_prefill,
         )
         g = torch.Generator().manual_seed(2)
         query = torch.randn(1, rows, heads, dim, generator=g).transpose(1, 2)
@@ -187,10 +191,30 @@ def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str) -> 
         )
         outs.append(out)
         if use_kernel:
-            plan = batch.derived["kernel"]
+            sdpa = "softcap" not in extra and "sinks" not in extra
+            plan, covered = batch.derived[("kernel", sdpa and not kernel_prefill)]  # type: ignore[misc]
             assert isinstance(plan, paged_attention_cpu.KernelPlan)
-            assert sorted(set(plan.row_q.tolist())) == list(range(rows))  # every row by the kernel
+            by_kernel = {0, 1, 2, 3} if kernel_prefill or not sdpa else {1, 2, 3}
+            assert covered == by_kernel
+            first = 0 if 0 in by_kernel else 20
+            assert sorted(set(plan.row_q.tolist())) == list(range(first, rows))
     torch.testing.assert_close(outs[0], outs[1], atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize(("kernel_s", "sdpa_s", "expected"), [(1.0, 2.0, True), (2.0, 1.0, False)])
+def test_prefill_goes_to_whichever_was_timed_faster(
+    kernels: CpuKernels, kernel_s: float, sdpa_s: float, expected: bool
+) -> None:
+    """The start-up choice for long single-run chunks runs both paths and keeps the
+    faster; the timer is scripted here, the real one is each call's CPU time."""
+    outputs = {}
+
+    def timer(fn) -> float:  # type: ignore[no-untyped-def]
+        outputs[fn.__name__] = fn()
+        return kernel_s if fn.__name__ == "by_kernel" else sdpa_s
+
+    assert attention.kernel_wins_prefill(kernels, 8, 2, 32, timer=timer) is expected
+    assert set(outputs) == {"by_kernel", "by_sdpa"}
 
 
 def test_a_fan_out_reads_its_shared_prefix_once() -> None:
@@ -206,7 +230,8 @@ def test_a_fan_out_reads_its_shared_prefix_once() -> None:
         )
         for i in range(4)
     )
-    plan = attention.kernel_plan(spans)
+    plan, _ = attention.kernel_plan(spans)
+    assert plan is not None
 
     items = plan.items.tolist()
     shared = [it for it in items if it[2] < 4000]
@@ -228,7 +253,8 @@ def test_a_rows_output_does_not_depend_on_the_other_sequences_of_the_step(kernel
     assert alone, "the case has a decode row"
     outs = []
     for seqs in (alone, [s for s in spans if s.kv_segments[0][0] != alone[0].kv_segments[0][0]] + alone):
-        plan = attention.kernel_plan(tuple(seqs))
+        plan, _ = attention.kernel_plan(tuple(seqs))
+        assert plan is not None
         out = torch.zeros(q.shape)
         paged_attention_cpu.attend(kernels, plan, q, k_cache, v_cache, out, 0.2)
         outs.append(out[alone[0].query_start])
