@@ -28,6 +28,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from alora_core.errors import UnsupportedModelError
 from alora_core.model.attention import ATTN_IMPLEMENTATION
 from alora_core.model.batch import SeqSpan, StepBatch
+from alora_core.model.fused_cpu import model_class
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def why_not_a_target(model: nn.Module, module_name: str, targets: frozenset[str]
         return "is not a linear layer of the base model (no such module)"
     if not isinstance(module, nn.Linear):
         return (
-            f"is a {type(module).__name__}, not a linear layer of the base model: the masked LoRA wraps "
+            f"is a {model_class(module).__name__}, not a linear layer of the base model: the masked LoRA wraps "
             "nn.Linear layers only (embeddings, Conv1D and fused MoE experts are refused)"
         )
     if module_name not in targets:

@@ -132,6 +132,12 @@ def _is_float32(module: nn.Module) -> bool:
     return bool(params) and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
 
 
+def model_class(module: nn.Module) -> type[nn.Module]:
+    """The class the model defined for `module` (a swapped module's own class, as error messages name it)."""
+    cls = type(module)
+    return cls.__mro__[2] if issubclass(cls, (FusedRMSNorm, FusedGatedMLP)) else cls
+
+
 @functools.cache
 def _fused_class(own: type[nn.Module], mixin: type[nn.Module]) -> type[nn.Module]:
-    return type(f"Fused{own.__name__}", (mixin, own), {})
+    return type(f"Fused{own.__name__}", (mixin, own), {})  # mro: fused, mixin, own, ...
