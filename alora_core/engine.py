@@ -259,10 +259,18 @@ class Engine:
         )
 
     @classmethod
-    def from_config(cls, config: EngineConfig, adapters: dict[str, str | Path] | None = None) -> "Engine":
+    def from_config(
+        cls,
+        config: EngineConfig,
+        adapters: dict[str, str | Path] | None = None,
+        aliases: dict[str, str] | None = None,
+    ) -> "Engine":
+        """aliases: other name -> adapter name (one adapter: the same slot, KV and metrics label)."""
         engine = cls(load_model(config.model, config.device, config.dtype, config.trust_remote_code), config)
         for name, path in (adapters or {}).items():
             engine.adapters.load(name, path)
+        for alias, name in (aliases or {}).items():
+            engine.adapters.add_alias(alias, name)
         return engine
 
     # -- public API ---------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 and PEFT adapters (aLoRA, legacy aLoRA, plain LoRA) with non-zero weights. No hub access needed.
 
     OUT/model/                       config.json, model.safetensors, tokenizer.json, chat template
-    OUT/adapters/certainty/          aLoRA, `alora_invocation_tokens` (PEFT >= 0.18 format)
+    OUT/adapters/uncertainty/        aLoRA, `alora_invocation_tokens` (PEFT >= 0.18 format)
     OUT/adapters/answerability/      aLoRA, legacy `invocation_string` only (older IBM format)
-    OUT/adapters/rewrite/            plain LoRA, attention + MLP targets
-    OUT/adapters/*/alora_output.json output-format sidecar the service parses `result` with
+    OUT/adapters/query_rewrite/      plain LoRA, attention + MLP targets
+    OUT/adapters/*/io.yaml           granite-common's intrinsic I/O file, in the shapes of IBM's
+                                     intrinsics of the same names (the service applies it)
+
+Named after IBM's intrinsics (what Mellea and granite-common call); the names these adapters had
+before (certainty, rewrite) stay as aliases (ALIASES).
 
 The weights are random: outputs are gibberish, but every code path and parity check is real.
 Command: `alora-make-demo OUT [--preset tiny|bench]`.
@@ -14,7 +18,8 @@ Command: `alora-make-demo OUT [--preset tiny|bench]`.
 import argparse
 import json
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -76,7 +81,7 @@ class AdapterRecipe:
 
 ADAPTERS = (
     AdapterRecipe(
-        "certainty",
+        "uncertainty",
         "alora",
         "<|start_of_role|>certainty<|end_of_role|>",
         ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -88,18 +93,60 @@ ADAPTERS = (
         ("q_proj", "v_proj"),
         2,
     ),
-    AdapterRecipe("rewrite", "lora", None, ("q_proj", "v_proj", "o_proj", "down_proj")),
+    AdapterRecipe("query_rewrite", "lora", None, ("q_proj", "v_proj", "o_proj", "down_proj")),
 )
+ALIASES = {"certainty": "uncertainty", "rewrite": "query_rewrite"}  # the demo adapters' old names
 
 
-# Output-format sidecars (read by the service, see docs/adapters.md "Output formats"). Bump
-# DEMO_VERSION whenever the written tree changes, so existing trees are rewritten.
-DEMO_VERSION = 2
-OUTPUT_FORMAT_FILE = "alora_output.json"
-OUTPUT_FORMATS: dict[str, dict[str, object]] = {
-    "certainty": {"type": "number", "minimum": 0, "maximum": 1},
-    "answerability": {"type": "labels", "labels": ["answerable", "unanswerable"]},
-    "rewrite": {"type": "json"},
+# io.yaml files (granite-common's schema, see docs/intrinsics.md) in the shapes of IBM's intrinsics.
+# Bump DEMO_VERSION whenever the written tree changes, so existing trees are rewritten.
+DEMO_VERSION = 3
+IO_CONFIG_FILE = "io.yaml"
+IO_CONFIGS: dict[str, str] = {
+    # certainty 0-9 -> the probability-weighted mean of 0.05..0.95 over the top-10 logprobs
+    "uncertainty": """\
+model: ~
+response_format: |
+  {"type": "integer", "enum": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}
+transformations:
+  - type: likelihood
+    categories_to_values: {0: 0.05, 1: 0.15, 2: 0.25, 3: 0.35, 4: 0.45, 5: 0.55, 6: 0.65, 7: 0.75, 8: 0.85, 9: 0.95}
+    input_path: []
+  - type: nest
+    input_path: []
+    field_name: "certainty"
+instruction: ~
+parameters:
+  max_completion_tokens: 6
+sentence_boundaries: ~
+""",
+    # a label; `answerability` = the probability of "answerable" (likelihood over the label's tokens)
+    "answerability": """\
+model: ~
+response_format: |
+  {"type": "string", "enum": ["answerable", "unanswerable"]}
+transformations:
+  - type: likelihood
+    categories_to_values: {"answerable": 1.0, "unanswerable": 0.0}
+    input_path: []
+  - type: nest
+    input_path: []
+    field_name: "answerability"
+instruction: ~
+parameters:
+  max_completion_tokens: 12
+sentence_boundaries: ~
+""",
+    # a JSON object (maxLength keeps the random demo's string short enough to close)
+    "query_rewrite": """\
+model: ~
+response_format: '{"properties": {"rewritten_question": {"title": "Rewritten Question", "type": "string", "maxLength": 40}}, "required": ["rewritten_question"], "title": "QueryRewriteOutput", "type": "object"}'
+transformations: ~
+instruction: ~
+parameters:
+  max_completion_tokens: 64
+sentence_boundaries: ~
+""",
 }
 
 
@@ -108,6 +155,7 @@ class DemoPaths:
     root: Path
     model: Path
     adapters: dict[str, Path]
+    aliases: dict[str, str] = field(default_factory=lambda: dict(ALIASES))  # old name -> adapter
 
 
 def corpus(seed: int, lines: int = 3000) -> list[str]:
@@ -202,6 +250,8 @@ def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> D
     if marker.exists() and marker.read_text() == f"{preset}:{seed}:v{DEMO_VERSION}":
         return paths
     spec = PRESETS[preset]
+    if (root / "adapters").is_dir():  # an older tree: drop adapters it had under other names
+        shutil.rmtree(root / "adapters")
     tokenizer = build_tokenizer(spec.tokenizer_vocab, seed)
     model = build_model(spec, tokenizer, seed)
     model.save_pretrained(str(paths.model))
@@ -210,10 +260,7 @@ def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> D
         write_adapter(
             paths.model, recipe, tokenizer, spec.adapter_rank, paths.adapters[recipe.name], seed + 1 + i
         )
-        output_format = OUTPUT_FORMATS[recipe.name]
-        (paths.adapters[recipe.name] / OUTPUT_FORMAT_FILE).write_text(
-            json.dumps(output_format, indent=2) + "\n"
-        )
+        (paths.adapters[recipe.name] / IO_CONFIG_FILE).write_text(IO_CONFIGS[recipe.name])
     marker.write_text(f"{preset}:{seed}:v{DEMO_VERSION}")
     return paths
 
@@ -228,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {paths.model}")
     for name, path in paths.adapters.items():
         print(f"adapter {name}: {path}")
+    print("aliases: " + ", ".join(f"{old} -> {new}" for old, new in paths.aliases.items()))
     print("the weights are RANDOM: outputs are meaningless, the code paths are real")
 
 

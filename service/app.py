@@ -21,6 +21,7 @@ from service import package_version
 from service.auth import Authenticator
 from service.deps import ServiceState
 from service.errors import install_error_handlers
+from service.intrinsics.apply import load_intrinsic_ios
 from service.loading import build_engine, load_output_formats, resolve_sources
 from service.metrics import Metrics
 from service.middleware import BodyGuard, Drain, RequestTracking
@@ -44,7 +45,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     try:
         sources = await anyio.to_thread.run_sync(resolve_sources, settings)
+        intrinsic_ios = await anyio.to_thread.run_sync(load_intrinsic_ios, sources.adapters)
         engine = await anyio.to_thread.run_sync(build_engine, settings, sources)
+        output_formats = load_output_formats(engine, set(intrinsic_ios))
     except AloraError as exc:  # refused on purpose (a model it cannot serve exactly, an unusable adapter)
         log.error("startup refused: %s", exc.message)  # one line; QuietRefusal drops the traceback
         app.state.startup_refused = True
@@ -54,7 +57,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = ServiceState(
         engine=engine,
         runner=runner,
-        output_formats=load_output_formats(engine),
+        output_formats=output_formats,
+        intrinsic_ios=intrinsic_ios,
+        aliases=dict(sources.aliases),
         served_model_names=sources.served_model_names,
         model_root=sources.model,
         started=int(time.time()),

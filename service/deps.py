@@ -1,6 +1,6 @@
 """The service's shared state and the FastAPI dependencies that hand it to routes."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -8,6 +8,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from alora_core import Engine
 from service.auth import Authenticator, Tenant
+from service.intrinsics.apply import IntrinsicIo
 from service.loading import OutputFormats
 from service.metrics import Metrics
 from service.middleware import Drain
@@ -24,6 +25,8 @@ class ServiceState:
     served_model_names: tuple[str, ...] = ("model",)  # the base model's names in the OpenAI API
     model_root: str | None = None  # its directory (GET /v1/models `root`)
     started: int = 0  # unix time the model was loaded (`created` of the model cards)
+    intrinsic_ios: dict[str, IntrinsicIo] = field(default_factory=dict)  # adapter -> its io.yaml
+    aliases: dict[str, str] = field(default_factory=dict)  # other name -> adapter (old demo names)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -6,13 +6,13 @@ no --model                                         -> demo built once under --ca
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alora_core import Engine, EngineConfig, threads
 from alora_core.errors import AdapterLoadError
 from alora_core.fixtures import write_demo
-from service.outputs import JsonFormat, LabelsFormat, NumberFormat, load_output_format
+from service.outputs import OUTPUT_FORMAT_FILE, JsonFormat, LabelsFormat, NumberFormat, load_output_format
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,19 @@ class Sources:
     adapters: dict[str, Path]
     demo: bool  # the random-weight offline demo
     served_model_names: tuple[str, ...] = ()  # the base model's names in the OpenAI API
+    aliases: dict[str, str] = field(default_factory=dict)  # other name -> adapter (the demo's old names)
 
 
 def resolve_sources(settings: Settings) -> Sources:
     model = settings.model
     adapters_dir = settings.adapters_dir
     demo = model is None
+    aliases: dict[str, str] = {}
     if model is None:
         paths = write_demo(settings.cache_dir / DEMO_SUBDIR, preset="tiny")
         model = str(paths.model)
         adapters_dir = adapters_dir or paths.root / "adapters"
+        aliases = dict(paths.aliases)
         log.warning(
             "no --model given: serving the offline DEMO model from %s. Its weights are RANDOM: "
             "outputs are meaningless text, but every code path (KV reuse, aLoRA, LoRA) is real. "
@@ -54,13 +57,14 @@ def resolve_sources(settings: Settings) -> Sources:
             )
         adapters[name] = path
     served = tuple(settings.served_model_name) or (DEMO_MODEL_NAME if demo else Path(model).name,)
-    clash = sorted(set(served) & set(adapters))
+    aliases = {old: new for old, new in aliases.items() if new in adapters and old not in adapters}
+    clash = sorted(set(served) & (set(adapters) | set(aliases)))
     if clash:
         raise AdapterLoadError(
             f"adapter name(s) {clash} equal a served model name: `model` could not tell them apart "
             "(rename the adapter or set --served-model-name)"
         )
-    return Sources(model=model, adapters=adapters, demo=demo, served_model_names=served)
+    return Sources(model=model, adapters=adapters, demo=demo, served_model_names=served, aliases=aliases)
 
 
 def discover_adapters(adapters_dir: Path) -> dict[str, Path]:
@@ -98,9 +102,25 @@ def build_engine(settings: Settings, sources: Sources) -> Engine:
     )
     # on a thread of its own: the start-up forwards (calibration, probe) leave no OpenMP team behind
     return threads.run_on_short_lived_thread(
-        lambda: Engine.from_config(config, adapters=dict(sources.adapters))
+        lambda: Engine.from_config(config, adapters=dict(sources.adapters), aliases=sources.aliases)
     )
 
 
-def load_output_formats(engine: Engine) -> OutputFormats:
-    return {a.spec.name: load_output_format(a.spec.path) for a in engine.adapters.all()}
+def load_output_formats(engine: Engine, with_io_yaml: set[str]) -> OutputFormats:
+    """Legacy alora_output.json sidecars (deprecated: io.yaml replaces them); both -> refused."""
+    formats = {}
+    for adapter in engine.adapters.all():
+        name, path = adapter.spec.name, adapter.spec.path
+        fmt = load_output_format(path)
+        if fmt is not None:
+            if name in with_io_yaml:
+                raise AdapterLoadError(
+                    f"{path}: has both io.yaml and the deprecated {OUTPUT_FORMAT_FILE}: delete the latter"
+                )
+            log.warning(
+                "%s: %s is deprecated, write an io.yaml instead (see docs/intrinsics.md)",
+                path / OUTPUT_FORMAT_FILE,
+                OUTPUT_FORMAT_FILE,
+            )
+        formats[name] = fmt
+    return formats

@@ -11,6 +11,7 @@ from service.outputs import OutputFormat
 MAX_STOP_STRINGS = 16
 MAX_SEED = (1 << 63) - 1
 MAX_FAN_OUT = 16  # intrinsics in one POST /intrinsics
+MAX_DOCUMENTS = 256  # documents of one intrinsic request
 
 
 def _utf8(text: str) -> str:
@@ -51,6 +52,15 @@ class Message(BaseModel):
 
     role: Annotated[Text, Field(min_length=1, max_length=64, description="system, user, assistant, ...")]
     content: Annotated[Text, Field(description="The message text.")]
+
+
+class Document(BaseModel):
+    """A RAG document (vLLM's `documents` entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+    title: Text | None = None
+    doc_id: Annotated[str, Field(max_length=256)] | None = None
 
 
 class InputFields(BaseModel):
@@ -129,6 +139,22 @@ class IntrinsicRequest(InputFields, SamplingFields):
         description="Append an aLoRA's invocation when the context lacks it. false: such a context is "
         "a 422 error instead (for clients that place the invocation themselves).",
     )
+    documents: list[Document] | None = Field(
+        None,
+        max_length=MAX_DOCUMENTS,
+        description="Documents for the chat template (RAG intrinsics such as answerability); with "
+        "`messages`. An io.yaml's sentence boundaries mark them.",
+    )
+    instruction_args: dict[Annotated[str, Field(max_length=64)], Text] | None = Field(
+        None,
+        description="Values for the io.yaml instruction's {placeholders} (e.g. `requirement`).",
+    )
+    logprobs: bool = Field(
+        False,
+        description="Return the output tokens' logprobs in OpenAI's chat shape (`logprobs`): top 10 "
+        "alternatives when the io.yaml's rules need them (likelihood), else none.",
+    )
+    return_prompt_token_ids: bool = Field(False, description="Return the prompt as the model saw it.")
 
     @model_validator(mode="after")
     def _context(self) -> "IntrinsicRequest":
@@ -220,14 +246,31 @@ class IntrinsicResponse(BaseModel):
         description="aLoRA: first adapted position of the context (where the invocation starts)."
     )
     result: JsonValue = Field(
-        None, description="The output parsed per the adapter's output format (null if none or unparsable)."
+        None,
+        description="The output processed per the adapter's io.yaml (granite-common's result "
+        'processor: e.g. {"certainty": 0.45}), or parsed per a legacy alora_output.json; null if '
+        "neither or unparsable.",
     )
     result_error: str | None = Field(None, description="Why `result` is null although a format is declared.")
+    logprobs: list[dict[str, JsonValue]] | None = Field(
+        None, description="With `logprobs: true`: one entry per output token (OpenAI's chat shape)."
+    )
+    prompt_token_ids: list[int] | None = Field(
+        None, description="With `return_prompt_token_ids: true`: the prompt the adapter ran on."
+    )
 
 
 class FanOutResponse(BaseModel):
     conversation_id: str | None = Field(description="The conversation used as context, if any (unchanged).")
     results: list[IntrinsicResponse] = Field(description="One result per requested intrinsic, in order.")
+
+
+class IoSummary(BaseModel):
+    response_format: JsonValue = Field(description="The output's JSON schema (null: free text).")
+    transformations: list[str] = Field(description="Result rules applied in order (likelihood, nest...).")
+    needs_logprobs: bool = Field(description="A rule reads the top-10 logprobs of the output tokens.")
+    instruction: bool = Field(description="The rewriter appends an instruction turn.")
+    parameters: dict[str, JsonValue] = Field(description="Request parameters the io.yaml sets.")
 
 
 class AdapterInfo(BaseModel):
@@ -238,7 +281,12 @@ class AdapterInfo(BaseModel):
     target_modules: list[str]
     invocation_tokens: list[int] | None = Field(description="aLoRA invocation sequence (null for LoRA).")
     invocation_text: str | None
-    output_format: OutputFormat | None = Field(description="How `result` is parsed (from alora_output.json).")
+    output_format: OutputFormat | None = Field(
+        description="Deprecated: how `result` is parsed from a legacy alora_output.json."
+    )
+    aliases: list[str] = Field(default_factory=list, description="Other names this adapter answers to.")
+    io: IoSummary | None = Field(None, description="The adapter's io.yaml, summarised (null: none).")
+    io_yaml: str | None = Field(None, description="The io.yaml file's text, as written.")
 
 
 class AdapterList(BaseModel):

@@ -59,6 +59,7 @@ class AdapterRegistry:
         # where read weights live: the kernel path stacks them on the device itself
         self._weights_device = torch.device("cpu") if lora_kernel_available(device) else device
         self._by_name: dict[str, ResidentAdapter] = {}
+        self._aliases: dict[str, str] = {}  # other name -> adapter name
         self._lock = threading.Lock()
 
     def load(self, name: str, path: str | Path) -> ResidentAdapter:
@@ -71,6 +72,8 @@ class AdapterRegistry:
         why_not = functools.partial(why_not_a_target, self._model, targets=frozenset(shapes))
         spec = read_adapter(name, path, self._tokenizer, shapes, self._dtype, self._weights_device, why_not)
         with self._lock:
+            if name in self._aliases:
+                raise AdapterConflictError(f"{name!r} is already an alias of adapter {self._aliases[name]!r}")
             existing = self._by_name.get(name)
             if existing is not None:
                 if existing.spec.digest == spec.digest:
@@ -105,6 +108,7 @@ class AdapterRegistry:
     def unload(self, name: str) -> None:
         with self._lock:
             resident = self._by_name.pop(name, None)
+            self._aliases = {a: n for a, n in self._aliases.items() if n != name}
             if resident is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded")
             for module_name in resident.spec.weights:
@@ -112,8 +116,20 @@ class AdapterRegistry:
                 assert isinstance(wrapper, MaskedLoRALinear)
                 wrapper.clear_slot(resident.slot)
 
+    def add_alias(self, alias: str, name: str) -> None:
+        """`alias` names adapter `name` too (e.g. an old name kept after a rename)."""
+        with self._lock:
+            if alias in self._by_name or alias in self._aliases:
+                raise AdapterConflictError(f"alias {alias!r} is already an adapter or alias name")
+            if name not in self._by_name:
+                raise AdapterLoadError(f"alias {alias!r} names adapter {name!r}, which is not loaded")
+            self._aliases[alias] = name
+
+    def aliases_of(self, name: str) -> list[str]:
+        return sorted(a for a, n in self._aliases.items() if n == name)
+
     def get(self, name: str) -> ResidentAdapter:
-        resident = self._by_name.get(name)
+        resident = self._by_name.get(self._aliases.get(name, name))
         if resident is None:
             known = ", ".join(sorted(self._by_name)) or "none"
             raise UnknownAdapterError(f"unknown adapter {name!r} (loaded: {known})")

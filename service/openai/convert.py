@@ -55,7 +55,9 @@ def resolve_target(engine: Engine, served: tuple[str, ...], model: str | None, a
     """`model` = a served base name (default) or an adapter; chat_template_kwargs.adapter_name picks
     an adapter with the base name. Unknown -> 404 naming it."""
     model = served[0] if model is None else model
-    names = {a.spec.name for a in engine.adapters.all()}
+    names = {
+        n for a in engine.adapters.all() for n in (a.spec.name, *engine.adapters.aliases_of(a.spec.name))
+    }
     if adapter_name is not None:
         if not isinstance(adapter_name, str) or adapter_name not in names:
             raise ModelNotFoundError(

@@ -3,7 +3,7 @@ Streaming chunks are built as plain dicts in `service.openai.stream`, with the s
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
 
 FinishReason = Literal["stop", "length"]
 
@@ -17,6 +17,10 @@ class ModelCard(BaseModel):
     parent: str | None = Field(None, description="For an adapter: the base model's served name.")
     max_model_len: int | None = None
     kind: Literal["base", "lora", "alora"] = Field(description="alora-serve's: what this model is.")
+    alias_of: str | None = Field(None, description="alora-serve's: this name is another adapter's alias.")
+    io: dict[str, JsonValue] | None = Field(
+        None, description="alora-serve's: the adapter's io.yaml summary (output schema, result rules)."
+    )
 
 
 class ModelList(BaseModel):

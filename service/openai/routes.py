@@ -17,6 +17,7 @@ from alora_core.engine import ChoiceCallback, EngineHandle
 from service import package_version
 from service.deps import MetricsDep, StateDep, TenantDep
 from service.errors import InvalidBodyError
+from service.intrinsics.config import summary
 from service.openai.assemble import (
     Meta,
     Prompts,
@@ -110,17 +111,22 @@ def model_cards(state: Any) -> list[ModelCard]:
         )
         for name in state.served_model_names
     ]
-    adapters = [
-        ModelCard(
-            id=a.spec.name,
-            created=state.started,
-            root=str(a.spec.path),
-            parent=state.served_model_names[0],
-            max_model_len=engine.max_model_len,
-            kind=a.spec.kind,
-        )
-        for a in engine.adapters.all()
-    ]
+    adapters = []
+    for a in engine.adapters.all():
+        iio = state.intrinsic_ios.get(a.spec.name)
+        for name in (a.spec.name, *engine.adapters.aliases_of(a.spec.name)):
+            adapters.append(
+                ModelCard(
+                    id=name,
+                    created=state.started,
+                    root=str(a.spec.path),
+                    parent=state.served_model_names[0],
+                    max_model_len=engine.max_model_len,
+                    kind=a.spec.kind,
+                    alias_of=None if name == a.spec.name else a.spec.name,
+                    io=None if iio is None else summary(iio.io),
+                )
+            )
     return base + adapters
 
 

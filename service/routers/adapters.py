@@ -3,8 +3,9 @@
 from fastapi import APIRouter
 
 from service.deps import StateDep, TenantDep
+from service.intrinsics.config import summary
 from service.routers import error_responses
-from service.schemas import AdapterInfo, AdapterList
+from service.schemas import AdapterInfo, AdapterList, IoSummary
 
 router = APIRouter(tags=["adapters"])
 
@@ -19,6 +20,7 @@ async def list_adapters(state: StateDep, tenant: TenantDep) -> AdapterList:
     adapters = []
     for resident in state.engine.adapters.all():
         spec = resident.spec
+        iio = state.intrinsic_ios.get(spec.name)
         adapters.append(
             AdapterInfo(
                 name=spec.name,
@@ -29,6 +31,9 @@ async def list_adapters(state: StateDep, tenant: TenantDep) -> AdapterList:
                 invocation_tokens=list(spec.invocation_tokens) if spec.invocation_tokens else None,
                 invocation_text=spec.invocation_text,
                 output_format=state.output_formats.get(spec.name),
+                aliases=state.engine.adapters.aliases_of(spec.name),
+                io=None if iio is None else IoSummary(**summary(iio.io)),
+                io_yaml=None if iio is None else iio.io.text,
             )
         )
     return AdapterList(adapters=adapters)
