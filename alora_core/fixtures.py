@@ -31,7 +31,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 Preset = Literal["tiny", "bench"]
 
 SPECIAL_TOKENS = ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"]
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # Granite-style; documents (RAG) as `document` turns before the conversation
+    "{%- for document in documents or [] -%}"
+    "<|start_of_role|>document {\"document_id\": \"{{ document['doc_id'] or loop.index }}\"}<|end_of_role|>"
+    "{{ document['text'] }}{{ '<|end_of_text|>\\n' }}"
+    "{%- endfor -%}"
     "{%- for message in messages -%}"
     "<|start_of_role|>{{ message['role'] }}<|end_of_role|>{{ message['content'] }}{{ '<|end_of_text|>\\n' }}"
     "{%- endfor -%}"
@@ -96,6 +100,7 @@ ADAPTERS = (
     AdapterRecipe("query_rewrite", "lora", None, ("q_proj", "v_proj", "o_proj", "down_proj")),
 )
 ALIASES = {"certainty": "uncertainty", "rewrite": "query_rewrite"}  # the demo adapters' old names
+ALIASES_FILE = "aliases.json"  # in an adapters dir: {other name: adapter} (read by --adapters-dir)
 
 
 # io.yaml files (granite-common's schema, see docs/intrinsics.md) in the shapes of IBM's intrinsics.
@@ -155,7 +160,7 @@ class DemoPaths:
     root: Path
     model: Path
     adapters: dict[str, Path]
-    aliases: dict[str, str] = field(default_factory=lambda: dict(ALIASES))  # old name -> adapter
+    aliases: dict[str, str] = field(default_factory=dict)  # other name -> adapter (the old names)
 
 
 def corpus(seed: int, lines: int = 3000) -> list[str]:
@@ -245,7 +250,9 @@ def write_adapter(
 def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> DemoPaths:
     """Write the model, tokenizer and demo adapters under out_dir (idempotent: reuses a complete tree)."""
     root = Path(out_dir)
-    paths = DemoPaths(root, root / "model", {a.name: root / "adapters" / a.name for a in ADAPTERS})
+    paths = DemoPaths(
+        root, root / "model", {a.name: root / "adapters" / a.name for a in ADAPTERS}, dict(ALIASES)
+    )
     marker = root / ".complete"
     if marker.exists() and marker.read_text() == f"{preset}:{seed}:v{DEMO_VERSION}":
         return paths
@@ -261,6 +268,7 @@ def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> D
             paths.model, recipe, tokenizer, spec.adapter_rank, paths.adapters[recipe.name], seed + 1 + i
         )
         (paths.adapters[recipe.name] / IO_CONFIG_FILE).write_text(IO_CONFIGS[recipe.name])
+    (root / "adapters" / ALIASES_FILE).write_text(json.dumps(ALIASES, indent=2) + "\n")
     marker.write_text(f"{preset}:{seed}:v{DEMO_VERSION}")
     return paths
 

@@ -5,13 +5,14 @@ no --model                                         -> demo built once under --ca
                                                       with the demo's adapters dir
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alora_core import Engine, EngineConfig, threads
 from alora_core.errors import AdapterLoadError
-from alora_core.fixtures import write_demo
+from alora_core.fixtures import ALIASES_FILE, write_demo
 from service.outputs import OUTPUT_FORMAT_FILE, JsonFormat, LabelsFormat, NumberFormat, load_output_format
 from service.settings import Settings
 
@@ -37,12 +38,10 @@ def resolve_sources(settings: Settings) -> Sources:
     model = settings.model
     adapters_dir = settings.adapters_dir
     demo = model is None
-    aliases: dict[str, str] = {}
     if model is None:
         paths = write_demo(settings.cache_dir / DEMO_SUBDIR, preset="tiny")
         model = str(paths.model)
         adapters_dir = adapters_dir or paths.root / "adapters"
-        aliases = dict(paths.aliases)
         log.warning(
             "no --model given: serving the offline DEMO model from %s. Its weights are RANDOM: "
             "outputs are meaningless text, but every code path (KV reuse, aLoRA, LoRA) is real. "
@@ -50,14 +49,22 @@ def resolve_sources(settings: Settings) -> Sources:
             paths.root,
         )
     adapters = discover_adapters(adapters_dir) if adapters_dir is not None else {}
+    aliases = read_aliases(adapters_dir) if adapters_dir is not None else {}
     for name, path in settings.adapter.items():
+        if name in aliases:
+            raise AdapterLoadError(
+                f"adapter {name!r} is given twice: --adapter {path} and as an alias of "
+                f"{aliases[name]!r} in {ALIASES_FILE}"
+            )
         if name in adapters and adapters[name] != path:
             raise AdapterLoadError(
                 f"adapter {name!r} is given twice: --adapter {path} and {adapters[name]} in --adapters-dir"
             )
         adapters[name] = path
     served = tuple(settings.served_model_name) or (DEMO_MODEL_NAME if demo else Path(model).name,)
-    aliases = {old: new for old, new in aliases.items() if new in adapters and old not in adapters}
+    missing = sorted(new for new in aliases.values() if new not in adapters)
+    if missing:
+        raise AdapterLoadError(f"{ALIASES_FILE} names adapter(s) {missing}, which are not served")
     clash = sorted(set(served) & (set(adapters) | set(aliases)))
     if clash:
         raise AdapterLoadError(
@@ -77,6 +84,22 @@ def discover_adapters(adapters_dir: Path) -> dict[str, Path]:
             "--adapters-dir %s holds no adapter (no subdirectory with %s)", adapters_dir, ADAPTER_CONFIG
         )
     return found
+
+
+def read_aliases(adapters_dir: Path) -> dict[str, str]:
+    """adapters_dir/aliases.json: {other name: adapter name} (e.g. names kept after a rename)."""
+    path = adapters_dir / ALIASES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        aliases = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterLoadError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise AdapterLoadError(f"{path}: must be an object of alias name -> adapter name")
+    return aliases
 
 
 def build_engine(settings: Settings, sources: Sources) -> Engine:

@@ -284,7 +284,9 @@ class AdapterInfo(BaseModel):
     output_format: OutputFormat | None = Field(
         description="Deprecated: how `result` is parsed from a legacy alora_output.json."
     )
-    aliases: list[str] = Field(default_factory=list, description="Other names this adapter answers to.")
+    alias_of: str | None = Field(
+        None, description="This name is an alias (e.g. a demo adapter's old name) of that adapter."
+    )
     io: IoSummary | None = Field(None, description="The adapter's io.yaml, summarised (null: none).")
     io_yaml: str | None = Field(None, description="The io.yaml file's text, as written.")
 

@@ -48,7 +48,7 @@ class PeftOracle:
             if adapter is None:
                 model = base
             else:
-                path = self.demo.adapters[adapter]
+                path = self.demo.adapters[self.demo.aliases.get(adapter, adapter)]
                 config = LoraConfig.from_pretrained(str(path))
                 raw = json.loads((Path(path) / "adapter_config.json").read_text())
                 if raw.get("invocation_string") and not raw.get("alora_invocation_tokens"):
@@ -89,7 +89,7 @@ def make_engine(demo: DemoPaths) -> Iterator[Callable[..., Engine]]:
     def make(**overrides: object) -> Engine:
         defaults = {"num_blocks": 256, "block_size": 16, "device": TEST_DEVICE, "dtype": "float32"}
         config = EngineConfig(model=str(demo.model), **{**defaults, **overrides})
-        engine = Engine.from_config(config, adapters=demo.adapters)
+        engine = Engine.from_config(config, adapters=demo.adapters, aliases=demo.aliases)
         engines.append(engine)
         return engine
 

@@ -132,13 +132,16 @@ def test_prompt_form_uses_tokenizer_defaults(client: httpx.Client, oracle: PeftO
     assert len(body["conversation_id"]) == 32  # a fresh id was made
 
 
-def test_intrinsic_result_parsed_from_sidecar(client: httpx.Client) -> None:
+def test_adapters_list_io_yaml_summaries_and_aliases(client: httpx.Client) -> None:
+    """The demo's adapters carry io.yaml (issue 18: it replaced the alora_output.json sidecar) and
+    answer to their old names too."""
     adapters = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
-    assert adapters["certainty"]["output_format"] == {"type": "number", "minimum": 0.0, "maximum": 1.0}
+    assert adapters["uncertainty"]["output_format"] is None
+    assert adapters["uncertainty"]["io"]["transformations"] == ["likelihood", "nest"]
+    assert adapters["uncertainty"]["io"]["needs_logprobs"] is True
+    assert adapters["certainty"]["alias_of"] == "uncertainty"
     assert adapters["answerability"]["kind"] == "alora"  # legacy invocation_string, still an aLoRA
     assert adapters["rewrite"]["kind"] == "lora"
     assert adapters["rewrite"]["invocation_tokens"] is None
-    body = client.post("/intrinsic/rewrite", json={"prompt": "what is the weather", "max_tokens": 4}).json()
-    # random weights: the text is no JSON, so result is null with the reason
-    assert body["result"] is None
-    assert "is not JSON" in body["result_error"]
+    assert adapters["rewrite"]["alias_of"] == "query_rewrite"
+    assert adapters["query_rewrite"]["io"]["response_format"]["required"] == ["rewritten_question"]

@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 
 from alora_core.errors import AdapterLoadError
-from alora_core.fixtures import OUTPUT_FORMAT_FILE, DemoPaths
+from alora_core.fixtures import IO_CONFIG_FILE, DemoPaths
 from service.outputs import (
-    OUTPUT_FORMAT_FILE as SERVICE_OUTPUT_FORMAT_FILE,
-)
-from service.outputs import (
+    OUTPUT_FORMAT_FILE,
     JsonFormat,
     LabelsFormat,
     NumberFormat,
@@ -68,10 +66,11 @@ def test_unparsable_output_gives_null_and_a_reason(
     assert parsed.error is not None and reason in parsed.error
 
 
-def test_demo_adapters_ship_sidecars(demo: DemoPaths) -> None:
-    assert SERVICE_OUTPUT_FORMAT_FILE == OUTPUT_FORMAT_FILE
+def test_demo_adapters_ship_io_yaml_not_sidecars(demo: DemoPaths) -> None:
+    """The demo's adapters moved from the deprecated sidecar to io.yaml (issue 18)."""
     formats = {name: load_output_format(path) for name, path in demo.adapters.items()}
-    assert formats == {"certainty": NUMBER, "answerability": LABELS, "rewrite": JSON}
+    assert formats == {"uncertainty": None, "answerability": None, "query_rewrite": None}
+    assert all((path / IO_CONFIG_FILE).is_file() for path in demo.adapters.values())
 
 
 def test_no_sidecar_means_no_format(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_offline_default_serves_the_demo_with_its_adapters(demo: DemoPaths, demo
 
 def test_adapter_flag_and_adapters_dir_combine_and_conflicts_fail(demo: DemoPaths, tmp_path: Path) -> None:
     extra = Settings(model=str(demo.model), adapters_dir=demo.root / "adapters", adapter={"extra": tmp_path})
-    assert set(resolve_sources(extra).adapters) == {"certainty", "answerability", "rewrite", "extra"}
+    assert set(resolve_sources(extra).adapters) == {"uncertainty", "answerability", "query_rewrite", "extra"}
     clash = Settings(
         model=str(demo.model), adapters_dir=demo.root / "adapters", adapter={"certainty": tmp_path}
     )
