@@ -45,9 +45,13 @@ MALFORMED = [
     (GOOD.replace('{"type": "integer"', '{"type": integer'), "response_format", "not JSON"),
     (GOOD.replace('"type": "integer"', '"type": "integr"'), "response_format", "not a JSON schema"),
     (GOOD.replace("type: nest", "type: nestle"), "transformations.1.type", "unknown transformation"),
-    (GOOD.replace("    field_name: \"certainty\"\n", ""), "transformations.1", "field_name"),
+    (GOOD.replace('    field_name: "certainty"\n', ""), "transformations.1", "field_name"),
     (GOOD.replace("max_completion_tokens: 2", "frequency_penalty: 2"), "parameters", "frequency_penalty"),
-    (GOOD.replace("sentence_boundaries: ~", "sentence_boundaries: {middle: x}"), "sentence_boundaries.middle", "last_message"),
+    (
+        GOOD.replace("sentence_boundaries: ~", "sentence_boundaries: {middle: x}"),
+        "sentence_boundaries.middle",
+        "last_message",
+    ),
     (GOOD + "docs_as_message: xml\n", "docs_as_message", ""),
     (GOOD.replace("input_path: []", "input_path: 3", 1), "transformations.0.input_path", ""),
 ]
