@@ -33,7 +33,7 @@ Preset = Literal["tiny", "bench"]
 SPECIAL_TOKENS = ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"]
 CHAT_TEMPLATE = (  # Granite-style; documents (RAG) as `document` turns before the conversation
     "{%- for document in documents or [] -%}"
-    "<|start_of_role|>document {\"document_id\": \"{{ document['doc_id'] or loop.index }}\"}<|end_of_role|>"
+    '<|start_of_role|>document {"document_id": "{{ document[\'doc_id\'] or loop.index }}"}<|end_of_role|>'
     "{{ document['text'] }}{{ '<|end_of_text|>\\n' }}"
     "{%- endfor -%}"
     "{%- for message in messages -%}"
@@ -155,6 +155,15 @@ sentence_boundaries: ~
 }
 
 
+class AdapterPaths(dict[str, Path]):
+    """name -> adapter directory; an old demo name (ALIASES) finds its adapter's directory too."""
+
+    def __missing__(self, name: str) -> Path:
+        if name in ALIASES:
+            return self[ALIASES[name]]
+        raise KeyError(name)
+
+
 @dataclass(frozen=True)
 class DemoPaths:
     root: Path
@@ -251,7 +260,10 @@ def write_demo(out_dir: str | Path, preset: Preset = "tiny", seed: int = 0) -> D
     """Write the model, tokenizer and demo adapters under out_dir (idempotent: reuses a complete tree)."""
     root = Path(out_dir)
     paths = DemoPaths(
-        root, root / "model", {a.name: root / "adapters" / a.name for a in ADAPTERS}, dict(ALIASES)
+        root,
+        root / "model",
+        AdapterPaths({a.name: root / "adapters" / a.name for a in ADAPTERS}),
+        dict(ALIASES),
     )
     marker = root / ".complete"
     if marker.exists() and marker.read_text() == f"{preset}:{seed}:v{DEMO_VERSION}":

@@ -72,8 +72,7 @@ class AdapterRegistry:
         why_not = functools.partial(why_not_a_target, self._model, targets=frozenset(shapes))
         spec = read_adapter(name, path, self._tokenizer, shapes, self._dtype, self._weights_device, why_not)
         with self._lock:
-            if name in self._aliases:
-                raise AdapterConflictError(f"{name!r} is already an alias of adapter {self._aliases[name]!r}")
+            name = self._aliases.get(name, name)  # an alias is its adapter: same weights -> no-op
             existing = self._by_name.get(name)
             if existing is not None:
                 if existing.spec.digest == spec.digest:
@@ -106,7 +105,9 @@ class AdapterRegistry:
         return resident
 
     def unload(self, name: str) -> None:
+        """Unload adapter `name` (or the adapter an alias names), with its aliases."""
         with self._lock:
+            name = self._aliases.get(name, name)
             resident = self._by_name.pop(name, None)
             self._aliases = {a: n for a, n in self._aliases.items() if n != name}
             if resident is None:

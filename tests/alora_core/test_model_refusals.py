@@ -204,7 +204,7 @@ def test_adapters_on_modules_the_masked_lora_cannot_wrap_are_refused(
         AdapterLoadError, match=r"'model.layers.0.input_layernorm' is a LlamaRMSNorm, not a linear"
     ):
         engine.adapters.load("norm", norm)
-    assert [a.spec.name for a in engine.adapters.all()] == ["answerability", "certainty", "rewrite"]
+    assert [a.spec.name for a in engine.adapters.all()] == ["answerability", "query_rewrite", "uncertainty"]
     json.loads((norm / "adapter_config.json").read_text())  # the directory itself was a valid PEFT one
 
 

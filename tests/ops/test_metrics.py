@@ -85,7 +85,8 @@ def test_each_request_is_counted_once_with_its_usage(ops_client: httpx.Client) -
     # one inter-token interval per token after the first
     assert delta(before, after, "alora_inter_token_latency_seconds_count", **base) == (5 - 1) + (4 - 1)
 
-    intrinsics = {"certainty": certainty, "answerability": answerability, "rewrite": rewrite}
+    # labelled by the adapter (the old demo names are aliases of uncertainty and query_rewrite)
+    intrinsics = {"uncertainty": certainty, "answerability": answerability, "query_rewrite": rewrite}
     for name, result in intrinsics.items():
         labels = {"endpoint": "intrinsic", "adapter": name}
         for metric in PER_REQUEST:
@@ -148,8 +149,8 @@ def test_engine_state_and_info_are_exported(ops_client: httpx.Client) -> None:
     assert metrics.value("alora_adapters_loaded", kind="lora") == 1
     assert {s.labels["adapter"] for s in metrics.samples["alora_adapter_info"]} == {
         "answerability",
-        "certainty",
-        "rewrite",
+        "uncertainty",
+        "query_rewrite",
     }
     # idle between tests: nothing runs or waits, and the gauges say so
     assert metrics.samples["alora_num_requests_running"][0].value == 0
@@ -199,7 +200,7 @@ def test_no_label_carries_a_conversation_id_an_api_key_or_a_raw_path(ops_client:
     adapters = {
         s.labels["adapter"] for samples in metrics.samples.values() for s in samples if "adapter" in s.labels
     }
-    assert adapters <= {"base", "answerability", "certainty", "rewrite"}
+    assert adapters <= {"base", "answerability", "uncertainty", "query_rewrite"}
     routes = {s.labels["route"] for s in metrics.samples["alora_http_requests_total"]}
     assert "unmatched" in routes and "/conversations/{conversation_id}" in routes
 

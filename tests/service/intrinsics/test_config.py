@@ -49,7 +49,7 @@ MALFORMED = [
     (GOOD.replace("max_completion_tokens: 2", "frequency_penalty: 2"), "parameters", "frequency_penalty"),
     (
         GOOD.replace("sentence_boundaries: ~", "sentence_boundaries: {middle: x}"),
-        "sentence_boundaries.middle",
+        "sentence_boundaries.middle.[key]",
         "last_message",
     ),
     (GOOD + "docs_as_message: xml\n", "docs_as_message", ""),

@@ -369,7 +369,15 @@ def test_request_id_user_cache_salt_tools_null_and_unknown_fields_are_accepted(s
     )
     assert response.id == "chatcmpl-abc123"
     models = {m.id: m for m in sdk.models.list().data}
-    assert set(models) == {SERVED, ALIAS, "certainty", "answerability", "rewrite"}
+    assert set(models) == {
+        SERVED,
+        ALIAS,
+        "uncertainty",
+        "answerability",
+        "query_rewrite",
+        "certainty",
+        "rewrite",
+    }
     assert (
         models["certainty"].model_extra["parent"] == SERVED and models[SERVED].model_extra["parent"] is None
     )

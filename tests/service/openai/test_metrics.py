@@ -29,7 +29,8 @@ def scrape(server: ServerProcess) -> str:
 def test_chat_and_completion_endpoints_are_labelled(sdk: openai.OpenAI, openai_server: ServerProcess) -> None:
     before = scrape(openai_server)
     assert (
-        'alora_request_success_total{adapter="certainty",endpoint="chat",finished_reason="length"}' in before
+        'alora_request_success_total{adapter="uncertainty",endpoint="chat",finished_reason="length"}'
+        in before
     )
     assert 'alora_prompt_tokens_total{adapter="base",endpoint="completion"}' in before
     chat = sdk.chat.completions.create(
@@ -48,11 +49,13 @@ def test_chat_and_completion_endpoints_are_labelled(sdk: openai.OpenAI, openai_s
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     assert (
-        grew("alora_request_success_total", endpoint="chat", adapter="certainty", finished_reason="length")
+        grew("alora_request_success_total", endpoint="chat", adapter="uncertainty", finished_reason="length")
         == 2
     )
-    assert grew("alora_prompt_tokens_total", endpoint="chat", adapter="certainty") == chat.usage.prompt_tokens
-    assert grew("alora_generation_tokens_total", endpoint="chat", adapter="certainty") == 6
+    assert (
+        grew("alora_prompt_tokens_total", endpoint="chat", adapter="uncertainty") == chat.usage.prompt_tokens
+    )
+    assert grew("alora_generation_tokens_total", endpoint="chat", adapter="uncertainty") == 6
     assert (
         grew("alora_request_success_total", endpoint="completion", adapter="base", finished_reason="length")
         == 1
