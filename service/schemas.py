@@ -253,10 +253,14 @@ class IntrinsicResponse(BaseModel):
     )
     result_error: str | None = Field(None, description="Why `result` is null although a format is declared.")
     logprobs: list[dict[str, JsonValue]] | None = Field(
-        None, description="With `logprobs: true`: one entry per output token (OpenAI's chat shape)."
+        None,
+        description="With `logprobs: true` only: one entry per output token (OpenAI's chat shape).",
+        exclude_if=lambda v: v is None,
     )
     prompt_token_ids: list[int] | None = Field(
-        None, description="With `return_prompt_token_ids: true`: the prompt the adapter ran on."
+        None,
+        description="With `return_prompt_token_ids: true` only: the prompt the adapter ran on.",
+        exclude_if=lambda v: v is None,
     )
 
 
