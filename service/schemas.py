@@ -7,6 +7,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, St
 from alora_core import SamplingParams
 from alora_core.sampling import MAX_TOKENS_LIMIT
 from service.outputs import OutputFormat
+from service.structured import output_constraint
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = (1 << 63) - 1
@@ -83,8 +84,15 @@ class SamplingFields(BaseModel):
         description="Stop strings: the text ends before the first one generated.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (benchmarks).")
+    response_format: dict[str, JsonValue] | None = Field(
+        None,
+        description='The output must match: {"type": "json_schema", "json_schema": {"schema": ...}}, '
+        '{"type": "json_object"}, {"type": "regex", "regex": ...}, {"type": "choice", "choice": [...]}, '
+        '{"type": "grammar", "grammar": <Lark>} or {"type": "text"} (docs/structured-outputs.md).',
+    )
 
     def sampling_params(self) -> SamplingParams:
+        """400 naming response_format when it is malformed (the engine compiles it on submit)."""
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -93,6 +101,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos,
+            constraint=output_constraint({"response_format": self.response_format}, native=True),
         )
 
 
@@ -186,10 +195,15 @@ class GenerateResponse(BaseModel):
     token_ids: list[int] = Field(
         description="Generated token ids (with the final end-of-text token, if any)."
     )
-    finish_reason: FinishReason = Field(description="stop: end of text or stop string; length: max_tokens.")
+    finish_reason: FinishReason = Field(
+        description="stop: end of text or stop string; length: max_tokens; error: see `error`."
+    )
     usage: Usage
     ttft_s: float = Field(description="Seconds from the engine starting the request to its first token.")
     total_s: float = Field(description="Seconds from the engine receiving the request to its end.")
+    error: str | None = Field(
+        None, description='finish_reason "error": why the output constraint allowed no next token.'
+    )
 
 
 class StreamToken(BaseModel):
@@ -216,6 +230,9 @@ class IntrinsicResponse(BaseModel):
     usage: Usage
     ttft_s: float = Field(description="Seconds from the engine starting the request to its first token.")
     total_s: float = Field(description="Seconds from the engine receiving the request to its end.")
+    error: str | None = Field(
+        None, description='finish_reason "error": why the output constraint allowed no next token.'
+    )
     activation_start: int | None = Field(
         description="aLoRA: first adapted position of the context (where the invocation starts)."
     )

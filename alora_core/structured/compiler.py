@@ -87,7 +87,9 @@ class GrammarCompiler:
 
     def _compile(self, constraint: OutputConstraint) -> CompiledGrammar:
         if self.tokenizer is None:
-            raise InvalidRequestError(f"structured outputs are unavailable with this tokenizer ({self.unavailable})")
+            raise InvalidRequestError(
+                f"structured outputs are unavailable with this tokenizer ({self.unavailable})"
+            )
         t0 = time.perf_counter()
         grammar = constraint.grammar_text()
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)  # never raises: error state

@@ -43,7 +43,9 @@ class OutputConstraint:
     @classmethod
     def json_schema(cls, schema: Any, **options: Any) -> "OutputConstraint":
         if not isinstance(schema, dict | bool):
-            raise InvalidRequestError(f"a JSON schema must be an object (or a boolean), got {type(schema).__name__}")
+            raise InvalidRequestError(
+                f"a JSON schema must be an object (or a boolean), got {type(schema).__name__}"
+            )
         return cls("json_schema", json.dumps(schema, ensure_ascii=False), **options)
 
     @classmethod
@@ -110,7 +112,9 @@ def closed_objects(schema: Any) -> Any:
     for key in _SCHEMA:
         if key in out:
             value = out[key]
-            out[key] = [closed_objects(s) for s in value] if isinstance(value, list) else closed_objects(value)
+            out[key] = (
+                [closed_objects(s) for s in value] if isinstance(value, list) else closed_objects(value)
+            )
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
             out[key] = [closed_objects(s) for s in out[key]]

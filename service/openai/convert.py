@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from alora_core import Engine, SamplingParams
 from alora_core.sampling import MAX_TOKENS_LIMIT
+from alora_core.structured import OutputConstraint
 from service.errors import InvalidBodyError, ServiceError
 from service.inputs import contains, encode_chat
 from service.openai.protocol import (
@@ -27,8 +28,11 @@ from service.openai.protocol import (
     CompletionRequest,
     SamplingRequest,
 )
+from service.structured import GUIDED, output_constraint
 
 MAX_LOGIT_BIAS = 100.0  # vLLM clamps biases to [-100, 100]
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *GUIDED)
+CONSTRAINT_FIELDS += ("guided_whitespace_pattern", "guided_decoding_backend")
 ADAPTER_KWARG = "adapter_name"  # chat_template_kwargs key that selects an adapter (Granite Switch)
 
 
@@ -102,14 +106,6 @@ def check_request(body: SamplingRequest) -> None:
     for name, defaults in NOT_IMPLEMENTED.items():
         if name in extra and not any(extra[name] == d and type(extra[name]) is type(d) for d in defaults):
             raise refuse(f"{name} is not supported by this server (only its default is accepted)", name)
-    response_format = extra.get("response_format")
-    if response_format is not None and not (
-        isinstance(response_format, dict) and response_format.get("type") == "text"
-    ):
-        raise refuse(
-            "response_format other than {'type': 'text'} (structured outputs) is not supported yet",
-            "response_format",
-        )
     if body.tools is not None:
         raise refuse(
             "tools are not supported (no tool-call parsing): send tools: null or leave it out", "tools"
@@ -226,12 +222,18 @@ def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param
     return min(requested, MAX_TOKENS_LIMIT)
 
 
+def constraint_of(body: SamplingRequest) -> OutputConstraint | None:
+    """The output constraint the request asks for (400 naming the field when it is malformed)."""
+    return output_constraint({name: getattr(body, name) for name in CONSTRAINT_FIELDS})
+
+
 def sampling_params(
     body: SamplingRequest,
     *,
     max_new: int,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    constraint: OutputConstraint | None = None,
 ) -> SamplingParams:
     top_k = body.top_k or 0
     return SamplingParams(
@@ -252,6 +254,7 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         n=body.n,
+        constraint=constraint,
     )
 
 

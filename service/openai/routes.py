@@ -31,6 +31,7 @@ from service.openai.convert import (
     Target,
     chat_prompt,
     check_request,
+    constraint_of,
     encode_prompt,
     ending_ids,
     max_tokens,
@@ -144,6 +145,7 @@ async def create_chat_completion(
     whose invocation the conversation lacks gets it in place of the generation prompt."""
     engine = state.engine
     check_request(body)
+    constraint = constraint_of(body)
     target = resolve_target(
         engine, state.served_model_names, body.model, (body.chat_template_kwargs or {}).get(ADAPTER_KWARG)
     )
@@ -155,7 +157,9 @@ async def create_chat_completion(
     def submit(on_sample: ChoiceCallback | None) -> EngineHandle:
         prompt[:] = chat_prompt(engine.tokenizer, body, target)
         new = max_tokens(requested, len(prompt), engine.max_model_len, param)
-        params = sampling_params(body, max_new=new, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs)
+        params = sampling_params(
+            body, max_new=new, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs, constraint=constraint
+        )
         return engine.submit_completion(
             target.adapter, prompt, params, on_sample=on_sample, tenant=tenant.id, cache_salt=body.cache_salt
         )
@@ -207,6 +211,7 @@ async def create_completion(
     An aLoRA prompt must contain the adapter's invocation (422 otherwise)."""
     engine = state.engine
     check_request(body)
+    constraint = constraint_of(body)
     target: Target = resolve_target(engine, state.served_model_names, body.model, None)
     echo_only = body.max_tokens == 0  # echo: the prompt (and its logprobs), nothing generated
     k = body.logprobs
@@ -223,7 +228,11 @@ async def create_completion(
             prompts.texts[index] = form if isinstance(form, str) else None
             room = max_tokens(body.max_tokens, len(ids), engine.max_model_len, "max_tokens")
             params = sampling_params(
-                body, max_new=1 if echo_only else room, logprobs=k, prompt_logprobs=engine_prompt_k
+                body,
+                max_new=1 if echo_only else room,
+                logprobs=k,
+                prompt_logprobs=engine_prompt_k,
+                constraint=None if echo_only else constraint,
             )
             return engine.submit_completion(
                 target.adapter, ids, params, on_sample=on_sample, tenant=tenant.id, cache_salt=body.cache_salt
