@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from alora_core import Engine, SamplingParams
+from alora_core.errors import AloraError
 from alora_core.sampling import MAX_TOKENS_LIMIT
 from alora_core.structured import OutputConstraint
 from service.errors import InvalidBodyError, ServiceError
@@ -225,6 +226,24 @@ def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param
 def constraint_of(body: SamplingRequest) -> OutputConstraint | None:
     """The output constraint the request asks for (400 naming the field when it is malformed)."""
     return output_constraint({name: getattr(body, name) for name in CONSTRAINT_FIELDS})
+
+
+def compile_constraint(engine: Engine, body: SamplingRequest, constraint: OutputConstraint | None) -> None:
+    """Compile (or find cached) the request's grammar on the calling worker thread, so a grammar
+    llguidance rejects is a 400 naming the field it came from, before any work."""
+    if constraint is None:
+        return
+    try:
+        engine.grammars.compile(constraint)
+    except AloraError as exc:
+        text = body.response_format is not None and body.response_format.get("type") == "text"
+        given = [
+            n
+            for n in CONSTRAINT_FIELDS
+            if getattr(body, n) is not None and not (text and n == "response_format")
+        ]
+        field = given[0] if given else "response_format"
+        raise refuse(f"{field}: {exc.message}", field) from None
 
 
 def sampling_params(

@@ -31,6 +31,7 @@ from service.openai.convert import (
     Target,
     chat_prompt,
     check_request,
+    compile_constraint,
     constraint_of,
     encode_prompt,
     ending_ids,
@@ -155,6 +156,7 @@ async def create_chat_completion(
     prompt: list[int] = []  # filled on the worker thread, read once the engine has answered
 
     def submit(on_sample: ChoiceCallback | None) -> EngineHandle:
+        compile_constraint(engine, body, constraint)
         prompt[:] = chat_prompt(engine.tokenizer, body, target)
         new = max_tokens(requested, len(prompt), engine.max_model_len, param)
         params = sampling_params(
@@ -223,6 +225,7 @@ async def create_completion(
 
     def submit_prompt(index: int) -> ChoiceCall:
         def submit(on_sample: ChoiceCallback | None) -> EngineHandle:
+            compile_constraint(engine, body, constraint)
             form = forms[index]
             prompts.ids[index] = ids = encode_prompt(engine.tokenizer, form, body.add_special_tokens)
             prompts.texts[index] = form if isinstance(form, str) else None
