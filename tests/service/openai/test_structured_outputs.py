@@ -198,3 +198,12 @@ def test_text_response_format_and_no_constraint_are_the_same(sdk: openai.OpenAI)
     assert text.choices[0].message.content == plain
     constrained = chat(sdk, {"guided_json": OBJECT}, temperature=0, max_tokens=12)
     assert constrained.choices[0].message.content != plain
+
+
+def test_a_dead_end_ends_that_choice_with_finish_reason_error(sdk: openai.OpenAI) -> None:
+    """min_tokens holds back the end the grammar needs: no token is allowed. That request ends with
+    finish_reason "error" (not a hang, not a 500); the next request is exact."""
+    before = chat(sdk, {"guided_choice": CHOICES}, temperature=0).choices[0].message.content
+    dead = chat(sdk, {"guided_choice": ["x"], "min_tokens": 8}, temperature=0).choices[0]
+    assert dead.finish_reason == "error" and dead.message.content == "x"
+    assert chat(sdk, {"guided_choice": CHOICES}, temperature=0).choices[0].message.content == before
