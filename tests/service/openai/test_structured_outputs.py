@@ -168,6 +168,10 @@ def test_logprobs_are_after_the_mask(sdk: openai.OpenAI) -> None:
             {"structured_outputs": {"json": {"type": "object", "properties": {"a": {"type": 7}}}}},
             "structured_outputs",
         ),
+        (
+            {"guided_json": {"type": "object", "dependentRequired": {"a": ["b"]}}},
+            "guided_json",
+        ),  # unsupported
         ({"guided_regex": "([a-z"}, "guided_regex"),
         ({"guided_grammar": 'start: "a" undefined_rule'}, "guided_grammar"),
         ({"structured_outputs": {"regex": "a" * 40000}}, "structured_outputs"),  # oversize
