@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import jsonschema
 import torch
 
 import alora_core.scheduler as scheduler_module
@@ -84,14 +85,17 @@ def prompt(seed: int, n: int, vocab: int) -> list[int]:
 
 
 def run(
-    engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams], texts: list[str] | None = None
 ) -> tuple[list[int], list[float], float]:
-    """All requests at once -> (output lengths, pure decode step seconds, wall seconds)."""
+    """All requests at once -> (output lengths, pure decode step seconds, wall seconds); the texts of
+    those that ended with "stop" go to `texts`."""
     with StepClock() as clock:
         t0 = time.perf_counter()
         handles = [engine.submit_completion(None, p, s) for p, s in zip(prompts, params, strict=True)]
         results = [h.result(timeout=3600) for h in handles]
         wall = time.perf_counter() - t0
+    if texts is not None:
+        texts.extend(r.text for r in results if r.finish_reason == "stop")
     return [len(r.token_ids) for r in results], clock.decode_s, wall
 
 
@@ -145,7 +149,10 @@ def main() -> None:
         SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i, constraint=schema)
         for i in range(args.requests)
     ]
-    lengths, c_steps, c_wall = run(engine, prompts, constrained)
+    texts: list[str] = []
+    lengths, c_steps, c_wall = run(engine, prompts, constrained, texts)
+    for text in texts:  # the outputs are what the schema says (random weights: only thanks to the mask)
+        jsonschema.validate(json.loads(text), NESTED)
     free = [
         SamplingParams(max_tokens=n, ignore_eos=True, temperature=1.0, seed=i) for i, n in enumerate(lengths)
     ]
@@ -165,6 +172,9 @@ def main() -> None:
     print(
         f"{args.requests} requests, {args.prompt_tokens}-token prompts, {sum(lengths)} output tokens ({args.preset} model)"
     )
+    print(
+        f"constrained: {len(texts)} of {args.requests} completed the schema (the rest: max_tokens), all valid"
+    )
     print(f"{'run':<15}{'decode step p50 ms':>20}{'decode steps':>14}{'wall s':>10}")
     for name, med, n, wall in rows:
         print(f"{name:<15}{med * 1e3:>20.2f}{n:>14}{wall:>10.2f}")
@@ -179,6 +189,7 @@ def main() -> None:
         "machine": machine(args.threads),
         "config": vars(args) | {"assets": str(args.assets), "out": str(args.out)},
         "output_lengths": lengths,
+        "completed_and_valid": len(texts),
         "constrained": {"decode_step_p50_s": c_med, "decode_steps": len(c_steps), "wall_s": c_wall},
         "unconstrained": {"decode_step_p50_s": u_med, "decode_steps": len(u_steps), "wall_s": u_wall},
         "ratio": ratio,
