@@ -202,7 +202,9 @@ class GenerateResponse(BaseModel):
     ttft_s: float = Field(description="Seconds from the engine starting the request to its first token.")
     total_s: float = Field(description="Seconds from the engine receiving the request to its end.")
     error: str | None = Field(
-        None, description='finish_reason "error": why the output constraint allowed no next token.'
+        None,
+        description='finish_reason "error" only: why the output constraint allowed no next token.',
+        exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
     )
 
 
@@ -231,7 +233,9 @@ class IntrinsicResponse(BaseModel):
     ttft_s: float = Field(description="Seconds from the engine starting the request to its first token.")
     total_s: float = Field(description="Seconds from the engine receiving the request to its end.")
     error: str | None = Field(
-        None, description='finish_reason "error": why the output constraint allowed no next token.'
+        None,
+        description='finish_reason "error" only: why the output constraint allowed no next token.',
+        exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
     )
     activation_start: int | None = Field(
         description="aLoRA: first adapted position of the context (where the invocation starts)."
