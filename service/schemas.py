@@ -44,7 +44,7 @@ CacheSalt = Annotated[
         "end user, so no timing can tell whether another user sent the same prompt (vLLM's cache_salt).",
     ),
 ]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "error"]  # error: the output constraint allowed no next token
 
 
 class Message(BaseModel):

@@ -123,6 +123,7 @@ def test_constrained_greedy_equals_peft_with_an_independent_mask(
     assert free[:10] != expected[:10]  # the mask changed the answer (random weights: never valid JSON)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_output_validates_greedy_and_sampled(engine: Engine, case: str) -> None:
     """Base, LoRA and aLoRA rows, greedy and 8 seeds each, all in flight together."""

@@ -10,6 +10,8 @@ import httpx
 import jsonschema
 import pytest
 
+from service.schemas import GenerateResponse, Usage
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -69,3 +71,22 @@ def test_bad_response_formats_are_400_and_the_server_stays_exact(client: httpx.C
     r = client.post("/generate", json={**body, "response_format": fmt})
     assert r.status_code == 400, r.text
     assert client.post("/generate", json=body).json()["token_ids"] == before
+
+
+def test_a_dead_end_result_serializes_with_its_error_field() -> None:
+    """Native routes cannot reach a dead end (no min_tokens there), but an engine result that has one
+    must still serialize: finish_reason "error" and the reason, `error` absent otherwise."""
+    usage = Usage(prompt_tokens=1, completion_tokens=1, cached_tokens=0)
+    common = {
+        "conversation_id": "c",
+        "text": "x",
+        "token_ids": [5],
+        "usage": usage,
+        "ttft_s": 0.0,
+        "total_s": 0.0,
+    }
+    dead = json.loads(
+        GenerateResponse(**common, finish_reason="error", error="no token allowed").model_dump_json()
+    )
+    assert dead["finish_reason"] == "error" and dead["error"] == "no token allowed"
+    assert "error" not in json.loads(GenerateResponse(**common, finish_reason="stop").model_dump_json())
