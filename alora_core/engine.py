@@ -14,6 +14,9 @@ without a conversation, whatever API it came through; what it computes joins the
     completion(model?, ids): stateless (the OpenAI API): base or adapter on ids, no conversation;
                              n choices prefill once and fork the prompt's KV at the first sample
 
+A request whose params carry an output constraint gets its grammar compiled (cached) on the
+submitting thread, and a matcher per choice; the scheduler masks its rows' logits (structured/).
+
 KV is shared only within a tenant (the conversation key's namespace, or `tenant=`) and a
 `cache_salt`. Idle blocks are demoted device -> host -> Redis under byte budgets and restored on
 use; with Redis any replica finds a prefix another computed, and resumes any conversation.
@@ -62,6 +65,7 @@ from alora_core.sampling import SamplingParams, TokenLogprobs
 from alora_core.scheduler import ModelHandle, Scheduler, SchedulerConfig
 from alora_core.sequence import NO_ACTIVATION, FinishReason
 from alora_core.step import forward
+from alora_core.structured import GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,7 @@ class GenerationResult:
     logits: torch.Tensor | None = None  # [completion_tokens, V] when params.return_logits
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. when params.prompt_logprobs
+    error: str | None = None  # finish_reason "error": why the output constraint allowed no next token
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,7 @@ class Engine:
             shape.head_dim,
             shape.vocab_size,
         )
+        self.grammars = GrammarCompiler(loaded.tokenizer, shape.vocab_size, loaded.eos_token_ids)
         self.adapters = AdapterRegistry(
             loaded.model,
             loaded.tokenizer,
@@ -341,6 +347,7 @@ class Engine:
             on_token=on_token,
             tenant=owner,
             cache_salt=cache_salt,
+            grammar=self._grammar(params),
         )
         return self._submit(request)
 
@@ -380,6 +387,7 @@ class Engine:
             on_token=on_token,
             tenant=owner,
             cache_salt=cache_salt,
+            grammar=self._grammar(params),
         )
         return self._submit(request)
 
@@ -416,6 +424,7 @@ class Engine:
                 on_sample=callback,
                 tenant=tenant or "",
                 cache_salt=cache_salt,
+                grammar=self._grammar(choice_params),
             )
 
         parent = request(0, params)  # keeps n: its first sampling point spawns the others
@@ -518,6 +527,11 @@ class Engine:
     def _validate(self, input_ids: list[int], params: SamplingParams) -> None:
         validate(input_ids, params, self.loaded.shape.vocab_size, self.max_model_len, self.pool)
 
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh matcher of the request's output constraint (compiled here, on the submitting
+        thread, or found in the cache); InvalidRequestError when the constraint is invalid."""
+        return None if params.constraint is None else self.grammars.matcher(params.constraint)
+
     def result_of(self, r: Request) -> GenerationResult:
         seq = r.seq
         assert seq is not None and seq.finish_reason is not None
@@ -541,6 +555,7 @@ class Engine:
             logits=torch.stack(seq.logits) if seq.logits else None,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            error=seq.error,
         )
 
 

@@ -13,6 +13,7 @@ from alora_core.kvcache.redis_jobs import FetchJob
 from alora_core.lora.registry import ResidentAdapter
 from alora_core.sampling import SamplingParams, TokenLogprobs
 from alora_core.sequence import Sequence
+from alora_core.structured.matcher import GrammarState
 
 TokenCallback = Callable[[int], None]  # called with each sampled token id, from the scheduler's thread
 SampleCallback = Callable[[int, TokenLogprobs | None], None]  # the same, with the token's logprobs
@@ -29,6 +30,7 @@ class Request:
     cache_salt: str | None = None
     on_token: TokenCallback | None = None
     on_sample: SampleCallback | None = None  # instead of on_token: token and logprobs (if asked)
+    grammar: GrammarState | None = None  # params.constraint's matcher, compiled before submit
     forks: "list[Request]" = field(default_factory=list)  # n > 1: choices 1..n-1, spawned at the
     # first sampling point from this request's KV and logits (scheduler._spawn_forks)
     future: "Future[object]" = field(default_factory=Future)

@@ -1,7 +1,8 @@
 """Sampling parameters and the per-row sampling ops, with vLLM's semantics and order:
 
     logits [B, V] float32 of the sampling rows
-      (issue 17: an output-constraint mask goes here, before anything reads the logits)
+      -> output constraint: tokens its grammar does not allow -> -inf (structured/, before anything
+                      reads the logits, as vLLM applies its grammar bitmask)
       -> raw logprobs = log_softmax(logits)          what `logprobs` reports (vLLM's raw_logprobs)
       -> min_tokens:  EOS and stop ids -> -inf while fewer than min_tokens tokens were generated
       -> + logit_bias
@@ -20,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from alora_core.errors import InvalidRequestError
+from alora_core.structured.constraint import OutputConstraint
 
 MAX_TOKENS_LIMIT = 1 << 16
 MAX_N = 16  # choices of one request (n)
@@ -47,6 +49,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
     n: int = 1  # choices: n - 1 forks of the prompt's KV at its first sampling point
     return_logits: bool = False  # keep each step's raw logits (for parity checks and debugging)
+    constraint: OutputConstraint | None = None  # the output must match it (constrained decoding)
 
     def validate(self, vocab_size: int) -> None:
         if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
@@ -87,6 +90,11 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.constraint is not None and self.ignore_eos:
+            raise InvalidRequestError(
+                "ignore_eos cannot be combined with an output constraint: the end of the grammar "
+                "is the end-of-text token"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -316,6 +316,7 @@ class Scheduler:
             adapter_slot=r.adapter.slot if r.adapter is not None else None,
             activation_start=start,
             generator=r.params.generator(h.device),
+            grammar=r.grammar,
         )
 
     def _conversation_of(self, r: Request) -> Conversation | None:
@@ -431,10 +432,10 @@ class Scheduler:
             try:
                 table = seq.table.fork(len(seq.prompt))
             except CapacityError:
-                child.seq = seq.fork(child.params, BlockTable(self.pool), self.handle.device)
+                child.seq = seq.fork(child.params, BlockTable(self.pool), self.handle.device, child.grammar)
                 self._waiting.appendleft(child)
                 continue
-            child.seq = seq.fork(child.params, table, self.handle.device)
+            child.seq = seq.fork(child.params, table, self.handle.device, child.grammar)
             sample_rows(logits[None], [child.seq], self.handle.tokenizer)
             self.running.append(child)
 

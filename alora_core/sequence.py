@@ -5,7 +5,8 @@ table.num_tokens = positions with KV          (the next step feeds tokens[num_to
 adapter rows: positions >= activation_start   (0 for a LoRA, the invocation start for an aLoRA)
 
 Sampling state rides along: the logprobs of generated (and, when asked, prompt) tokens, the
-penalty counts, and for an n-choice request the logits its choices fork from.
+penalty counts, the grammar matcher of a constrained output (it has consumed exactly `output`),
+and for an n-choice request the logits its choices fork from.
 """
 
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from transformers import PreTrainedTokenizerBase
 from alora_core.kvcache.block_table import BlockTable
 from alora_core.kvcache.index import BlockChain
 from alora_core.sampling import SamplingParams, TokenLogprobs
+from alora_core.structured.matcher import GrammarState
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "error"]  # error: the output constraint reached a dead end
 NO_ACTIVATION = 1 << 62  # activation_start of a base request: no position gets an adapter
 
 
@@ -56,6 +58,8 @@ class Sequence:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1, 2, ... so far
     penalties: PenaltyState | None = None
     fork_logits: torch.Tensor | None = None  # n > 1: raw logits [V] of the first sampling point
+    grammar: GrammarState | None = None  # params.constraint's matcher
+    error: str | None = None  # finish_reason "error": why no token could follow
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -87,10 +91,12 @@ class Sequence:
             return range(0)
         return range(max(start, len(self.prompt_logprobs)), min(end, len(self.prompt) - 1))
 
-    def fork(self, params: SamplingParams, table: BlockTable, device: torch.device) -> "Sequence":
+    def fork(
+        self, params: SamplingParams, table: BlockTable, device: torch.device, grammar: GrammarState | None
+    ) -> "Sequence":
         """Another choice of this sequence's prompt (n > 1): same context and adapter rows, its own
-        sampling params, generator and output, the KV of `table` (and the index entries of the
-        prompt's full blocks it shares)."""
+        sampling params, generator, grammar matcher and output, the KV of `table` (and the index
+        entries of the prompt's full blocks it shares)."""
         assert self.chain is not None
         return Sequence(
             prompt=self.prompt,
@@ -103,6 +109,7 @@ class Sequence:
             generator=params.generator(device),
             chain=self.chain.fork(table.num_tokens // table.pool.block_size),
             prompt_logprobs=list(self.prompt_logprobs),
+            grammar=grammar,
         )
 
     def append(self, token: int, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -117,6 +124,11 @@ class Sequence:
             self.finish_reason = "stop"
         elif len(self.output) >= p.max_tokens or self.num_tokens >= self.max_model_len:
             self.finish_reason = "length"
+
+    def fail(self, error: str) -> None:
+        """End without a next token: the output constraint allows none (a dead end)."""
+        self.finish_reason = "error"
+        self.error = error
 
     def _match_stop_string(self, tokenizer: PreTrainedTokenizerBase) -> bool:
         text = str(tokenizer.decode(self.output, skip_special_tokens=True))

@@ -25,6 +25,7 @@ from alora_core.model.batch import ForwardContext, LoraBatch, SeqSpan, StepBatch
 from alora_core.model.step_buffers import StepBuffers
 from alora_core.sampling import TokenLogprobs, apply_penalties, gather_logprobs, sample
 from alora_core.sequence import PenaltyState, Sequence
+from alora_core.structured.matcher import mask_rows
 
 Work = tuple[Sequence, int, int]  # (sequence, first position to feed, end position)
 
@@ -207,10 +208,12 @@ def score_prompt_rows(logits: torch.Tensor, scored: list[tuple[Sequence, range, 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase) -> None:
     """logits [B, V]: the last position of each of B sequences -> each one's next token, appended.
 
-        raw = logits (float32)                   (issue 17: the grammar mask is applied to raw here)
+        raw = logits (float32); rows with an output constraint: disallowed tokens -> -inf
         logprobs = log_softmax(raw)              rows that asked for logprobs only
         adjusted = penalties(bias(min_tokens(raw)))   rows that set any of them only, in place
+        constrained row with no finite logit left -> that sequence ends, finish_reason "error"
         token = argmax(adjusted) for greedy rows (one batched argmax), else sample(row, generator)
+        constrained rows: the matcher accepts the token (unless it ends the sequence)
     Per-row Python work is a few tensor ops on [V], never a loop over the vocabulary."""
     logits = logits.float()
     for seq, row in zip(seqs, logits, strict=True):
@@ -218,21 +221,52 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTraine
             seq.logits.append(row.detach().clone().cpu())
         if seq.params.n > 1 and not seq.output:  # its other choices sample from this row (scheduler)
             seq.fork_logits = row.detach().clone()
+    constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+    errors = _mask(logits, seqs, constrained) if constrained else {}
     wants_logprobs = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[wants_logprobs], dim=-1) if wants_logprobs else None
     _adjust(logits, seqs)
-    tokens = _choose(logits, seqs)
+    if constrained:  # a dead end: nothing allowed (e.g. min_tokens holds back the grammar's end)
+        ends = logits[constrained].amax(dim=-1) == float("-inf")
+        for i, dead in zip(constrained, ends.tolist(), strict=True):
+            if dead and i not in errors:
+                errors[i] = "the output constraint allows no next token"
+    live = [i for i in range(len(seqs)) if i not in errors]
+    tokens = [0] * len(seqs)
+    if live:
+        rows = logits if len(live) == len(seqs) else logits[live]
+        for i, token in zip(live, _choose(rows, [seqs[i] for i in live]), strict=True):
+            tokens[i] = token
     entries = {}
     if raw_logprobs is not None:
         k = max(seqs[i].params.logprobs or 0 for i in wants_logprobs)
         chosen = torch.tensor([tokens[i] for i in wants_logprobs], device=logits.device)
         entries = dict(zip(wants_logprobs, gather_logprobs(raw_logprobs, chosen, k), strict=True))
     for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+        if i in errors:
+            seq.fail(errors[i])
+            continue
         if i in entries:
             seq.logprobs.append(_top(entries[i], seq.params.logprobs or 0))
         if seq.penalties is not None:
             seq.penalties.output_counts[token] += 1
         seq.append(token, tokenizer)
+        if seq.grammar is not None and not (seq.finish_reason == "stop" and token in seq.stop_ids):
+            error = seq.grammar.accept(token)
+            if error is not None:  # the mask allowed it, so this is a matcher bug: never a wrong answer
+                seq.fail(error)
+
+
+def _mask(logits: torch.Tensor, seqs: list[Sequence], constrained: list[int]) -> dict[int, str]:
+    """Apply the grammar masks of the constrained rows in place; {row: error} of broken matchers."""
+    states = []
+    for i in constrained:
+        grammar = seqs[i].grammar
+        assert grammar is not None and grammar.consumed == len(seqs[i].output), "matcher out of step"
+        states.append(grammar)
+    stop_ids = [seqs[i].params.stop_token_ids for i in constrained]
+    errors = mask_rows(logits, constrained, states, stop_ids)
+    return {i: e for i, e in zip(constrained, errors, strict=True) if e is not None}
 
 
 def _adjust(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -7,6 +7,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, St
 from alora_core import SamplingParams
 from alora_core.sampling import MAX_TOKENS_LIMIT
 from service.outputs import OutputFormat
+from service.structured import output_constraint
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = (1 << 63) - 1
@@ -44,7 +45,7 @@ CacheSalt = Annotated[
         "end user, so no timing can tell whether another user sent the same prompt (vLLM's cache_salt).",
     ),
 ]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "error"]  # error: the output constraint allowed no next token
 
 
 class Message(BaseModel):
@@ -93,8 +94,15 @@ class SamplingFields(BaseModel):
         description="Stop strings: the text ends before the first one generated.",
     )
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token (benchmarks).")
+    response_format: dict[str, JsonValue] | None = Field(
+        None,
+        description='The output must match: {"type": "json_schema", "json_schema": {"schema": ...}}, '
+        '{"type": "json_object"}, {"type": "regex", "regex": ...}, {"type": "choice", "choice": [...]}, '
+        '{"type": "grammar", "grammar": <Lark>} or {"type": "text"} (docs/structured-outputs.md).',
+    )
 
     def sampling_params(self) -> SamplingParams:
+        """400 naming response_format when it is malformed (the engine compiles it on submit)."""
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -103,6 +111,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos,
+            constraint=output_constraint({"response_format": self.response_format}, native=True),
         )
 
 
@@ -212,10 +221,17 @@ class GenerateResponse(BaseModel):
     token_ids: list[int] = Field(
         description="Generated token ids (with the final end-of-text token, if any)."
     )
-    finish_reason: FinishReason = Field(description="stop: end of text or stop string; length: max_tokens.")
+    finish_reason: FinishReason = Field(
+        description="stop: end of text or stop string; length: max_tokens; error: see `error`."
+    )
     usage: Usage
     ttft_s: float = Field(description="Seconds from the engine starting the request to its first token.")
     total_s: float = Field(description="Seconds from the engine receiving the request to its end.")
+    error: str | None = Field(
+        None,
+        description='finish_reason "error" only: why the output constraint allowed no next token.',
+        exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
+    )
 
 
 class StreamToken(BaseModel):
@@ -242,6 +258,11 @@ class IntrinsicResponse(BaseModel):
     usage: Usage
     ttft_s: float = Field(description="Seconds from the engine starting the request to its first token.")
     total_s: float = Field(description="Seconds from the engine receiving the request to its end.")
+    error: str | None = Field(
+        None,
+        description='finish_reason "error" only: why the output constraint allowed no next token.',
+        exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
+    )
     activation_start: int | None = Field(
         description="aLoRA: first adapted position of the context (where the invocation starts)."
     )

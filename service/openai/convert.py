@@ -17,7 +17,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from alora_core import Engine, SamplingParams
+from alora_core.errors import AloraError
 from alora_core.sampling import MAX_TOKENS_LIMIT
+from alora_core.structured import OutputConstraint
 from service.errors import InvalidBodyError, ServiceError
 from service.inputs import contains, encode_chat
 from service.openai.protocol import (
@@ -27,8 +29,11 @@ from service.openai.protocol import (
     CompletionRequest,
     SamplingRequest,
 )
+from service.structured import GUIDED, output_constraint
 
 MAX_LOGIT_BIAS = 100.0  # vLLM clamps biases to [-100, 100]
+CONSTRAINT_FIELDS = ("response_format", "structured_outputs", *GUIDED)
+CONSTRAINT_FIELDS += ("guided_whitespace_pattern", "guided_decoding_backend")
 ADAPTER_KWARG = "adapter_name"  # chat_template_kwargs key that selects an adapter (Granite Switch)
 
 
@@ -104,14 +109,6 @@ def check_request(body: SamplingRequest) -> None:
     for name, defaults in NOT_IMPLEMENTED.items():
         if name in extra and not any(extra[name] == d and type(extra[name]) is type(d) for d in defaults):
             raise refuse(f"{name} is not supported by this server (only its default is accepted)", name)
-    response_format = extra.get("response_format")
-    if response_format is not None and not (
-        isinstance(response_format, dict) and response_format.get("type") == "text"
-    ):
-        raise refuse(
-            "response_format other than {'type': 'text'} (structured outputs) is not supported yet",
-            "response_format",
-        )
     if body.tools is not None:
         raise refuse(
             "tools are not supported (no tool-call parsing): send tools: null or leave it out", "tools"
@@ -228,12 +225,36 @@ def max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param
     return min(requested, MAX_TOKENS_LIMIT)
 
 
+def constraint_of(body: SamplingRequest) -> OutputConstraint | None:
+    """The output constraint the request asks for (400 naming the field when it is malformed)."""
+    return output_constraint({name: getattr(body, name) for name in CONSTRAINT_FIELDS})
+
+
+def compile_constraint(engine: Engine, body: SamplingRequest, constraint: OutputConstraint | None) -> None:
+    """Compile (or find cached) the request's grammar on the calling worker thread, so a grammar
+    llguidance rejects is a 400 naming the field it came from, before any work."""
+    if constraint is None:
+        return
+    try:
+        engine.grammars.compile(constraint)
+    except AloraError as exc:
+        text = body.response_format is not None and body.response_format.get("type") == "text"
+        given = [
+            n
+            for n in CONSTRAINT_FIELDS
+            if getattr(body, n) is not None and not (text and n == "response_format")
+        ]
+        field = given[0] if given else "response_format"
+        raise refuse(f"{field}: {exc.message}", field) from None
+
+
 def sampling_params(
     body: SamplingRequest,
     *,
     max_new: int,
     logprobs: int | None,
     prompt_logprobs: int | None,
+    constraint: OutputConstraint | None = None,
 ) -> SamplingParams:
     top_k = body.top_k or 0
     return SamplingParams(
@@ -254,6 +275,7 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         n=body.n,
+        constraint=constraint,
     )
 
 

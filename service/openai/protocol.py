@@ -27,15 +27,7 @@ MAX_DOCUMENTS = 1024
 
 # field -> the values that mean "not used" (anything else is refused with a 400 naming the field)
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    # structured outputs (constrained decoding): the next issue
-    "structured_outputs": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,),
-    "structural_tag": (None,),
+    "structural_tag": (None,),  # structured outputs other than JSON / regex / choice / grammar
     # tool calling (parsing tool calls out of the output)
     "functions": (None, []),
     "function_call": (None, "none"),
@@ -156,6 +148,21 @@ class SamplingRequest(OpenAIModel):
     tool_choice: str | dict[str, JsonValue] | None = Field(
         None, description='Only "none" or null (no tools are implemented).'
     )
+    # structured outputs (service/structured.py): at most one of response_format (other than
+    # text), structured_outputs, guided_*
+    response_format: dict[str, JsonValue] | None = Field(
+        None,
+        description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}.',
+    )
+    structured_outputs: dict[str, JsonValue] | None = Field(
+        None, description="vLLM's: one of json, regex, choice, grammar (Lark), json_object."
+    )
+    guided_json: dict[str, JsonValue] | str | None = Field(None, description="vLLM < 0.12: a JSON schema.")
+    guided_regex: str | None = Field(None, description="vLLM < 0.12: a regular expression.")
+    guided_choice: list[str] | None = Field(None, description="vLLM < 0.12: one of these strings.")
+    guided_grammar: str | None = Field(None, description="vLLM < 0.12: a Lark (or GBNF) grammar.")
+    guided_whitespace_pattern: str | None = Field(None, description="With guided_json: whitespace regex.")
+    guided_decoding_backend: str | None = Field(None, description="Accepted; llguidance is always used.")
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

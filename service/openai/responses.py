@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, JsonValue
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "error"]  # error: the output constraint allowed no next token
 
 
 class ModelCard(BaseModel):

@@ -32,6 +32,8 @@ from service.openai.convert import (
     Target,
     chat_prompt,
     check_request,
+    compile_constraint,
+    constraint_of,
     encode_prompt,
     ending_ids,
     max_tokens,
@@ -150,6 +152,7 @@ async def create_chat_completion(
     whose invocation the conversation lacks gets it in place of the generation prompt."""
     engine = state.engine
     check_request(body)
+    constraint = constraint_of(body)
     target = resolve_target(
         engine, state.served_model_names, body.model, (body.chat_template_kwargs or {}).get(ADAPTER_KWARG)
     )
@@ -159,9 +162,12 @@ async def create_chat_completion(
     prompt: list[int] = []  # filled on the worker thread, read once the engine has answered
 
     def submit(on_sample: ChoiceCallback | None) -> EngineHandle:
+        compile_constraint(engine, body, constraint)
         prompt[:] = chat_prompt(engine.tokenizer, body, target)
         new = max_tokens(requested, len(prompt), engine.max_model_len, param)
-        params = sampling_params(body, max_new=new, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs)
+        params = sampling_params(
+            body, max_new=new, logprobs=logprobs, prompt_logprobs=body.prompt_logprobs, constraint=constraint
+        )
         return engine.submit_completion(
             target.adapter, prompt, params, on_sample=on_sample, tenant=tenant.id, cache_salt=body.cache_salt
         )
@@ -213,6 +219,7 @@ async def create_completion(
     An aLoRA prompt must contain the adapter's invocation (422 otherwise)."""
     engine = state.engine
     check_request(body)
+    constraint = constraint_of(body)
     target: Target = resolve_target(engine, state.served_model_names, body.model, None)
     echo_only = body.max_tokens == 0  # echo: the prompt (and its logprobs), nothing generated
     k = body.logprobs
@@ -224,12 +231,17 @@ async def create_completion(
 
     def submit_prompt(index: int) -> ChoiceCall:
         def submit(on_sample: ChoiceCallback | None) -> EngineHandle:
+            compile_constraint(engine, body, constraint)
             form = forms[index]
             prompts.ids[index] = ids = encode_prompt(engine.tokenizer, form, body.add_special_tokens)
             prompts.texts[index] = form if isinstance(form, str) else None
             room = max_tokens(body.max_tokens, len(ids), engine.max_model_len, "max_tokens")
             params = sampling_params(
-                body, max_new=1 if echo_only else room, logprobs=k, prompt_logprobs=engine_prompt_k
+                body,
+                max_new=1 if echo_only else room,
+                logprobs=k,
+                prompt_logprobs=engine_prompt_k,
+                constraint=None if echo_only else constraint,
             )
             return engine.submit_completion(
                 target.adapter, ids, params, on_sample=on_sample, tenant=tenant.id, cache_salt=body.cache_salt

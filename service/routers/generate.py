@@ -72,6 +72,7 @@ async def generate(
             usage=Usage(**vars(result.usage)),
             ttft_s=result.ttft_s,
             total_s=result.total_s,
+            error=result.error,
         )
 
     if not body.stream:

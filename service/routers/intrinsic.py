@@ -169,6 +169,7 @@ async def run_intrinsic(
         usage=Usage(**vars(result.usage)),
         ttft_s=result.ttft_s,
         total_s=result.total_s,
+        error=result.error,
         activation_start=result.activation_start,
         result=parsed.value,
         result_error=parsed.error,
