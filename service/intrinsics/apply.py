@@ -26,6 +26,7 @@ from pydantic import JsonValue, ValidationError
 
 from alora_core import SamplingParams
 from alora_core.errors import AdapterLoadError, InvalidRequestError
+from alora_core.structured.constraint import OutputConstraint
 from service.intrinsics.config import PARAMETERS, TOP_LOGPROBS, AdapterIo, IoConfig, load_io_config
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,11 @@ def sampling_defaults(config: IoConfig, given: set[str]) -> dict[str, Any]:
 
 
 def output_constraint(config: IoConfig, params: SamplingParams) -> SamplingParams:
-    """The one place an io.yaml's `response_format` becomes a decoding constraint."""
-    if config.response_format is None:
+    """The one place an io.yaml's `response_format` becomes a decoding constraint (the request's
+    own `response_format`, if it gave one, wins)."""
+    if config.response_format is None or params.constraint is not None:
         return params
-    return params  # constrained decoding (issue 17) not merged yet: the output is not constrained
+    return replace(params, constraint=OutputConstraint.json_schema(config.response_format))
 
 
 def with_io(config: IoConfig, params: SamplingParams) -> SamplingParams:
