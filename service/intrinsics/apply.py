@@ -107,11 +107,12 @@ def output_constraint(config: IoConfig, params: SamplingParams) -> SamplingParam
     return replace(params, constraint=OutputConstraint.json_schema(config.response_format))
 
 
-def with_io(config: IoConfig, params: SamplingParams) -> SamplingParams:
-    """Logprobs when a rule needs them (top 10, as granite-common asks), and the constraint."""
+def with_io(config: IoConfig, params: SamplingParams, own_format: bool = False) -> SamplingParams:
+    """Logprobs when a rule needs them (top 10, as granite-common asks), and the constraint unless
+    the request gave its own `response_format` (`{"type": "text"}`: unconstrained)."""
     if config.needs_logprobs:
         params = replace(params, logprobs=max(params.logprobs or 0, TOP_LOGPROBS))
-    return output_constraint(config, params)
+    return params if own_format else output_constraint(config, params)
 
 
 def process(

@@ -105,7 +105,9 @@ async def run_intrinsic(
     params = body.sampling_params()
     iio = state.intrinsic_ios.get(adapter.spec.name)
     if iio is not None:
-        params = with_io(iio.config, replace(params, **sampling_defaults(iio.config, body.model_fields_set)))
+        defaults = sampling_defaults(iio.config, body.model_fields_set)
+        own_format = "response_format" in body.model_fields_set
+        params = with_io(iio.config, replace(params, **defaults), own_format)
     elif body.instruction_args is not None:
         raise InvalidRequestError(f"adapter {name!r} has no io.yaml: instruction_args cannot apply")
     if body.logprobs and params.logprobs is None:
