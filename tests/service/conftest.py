@@ -22,6 +22,9 @@ KEY_B = "key-tenant-b"
 MAX_MODEL_LEN = 512
 MAX_REQUEST_BYTES = 64 * 1024
 STARTUP_TIMEOUT_S = 180.0
+# An intrinsic request that asks for free text: compared with PEFT's unconstrained greedy output
+# (the demo adapters' io.yaml schemas would otherwise constrain it).
+FREE_TEXT = {"type": "text"}
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:

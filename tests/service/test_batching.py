@@ -9,7 +9,7 @@ import pytest
 
 from alora_core.fixtures import DemoPaths
 from tests.alora_core.conftest import PeftOracle, random_ids
-from tests.service.conftest import ServerProcess
+from tests.service.conftest import FREE_TEXT, ServerProcess
 
 
 def invocation(client: httpx.Client, name: str) -> list[int]:
@@ -24,7 +24,10 @@ def test_fan_out_equals_single_intrinsics_and_peft(client: httpx.Client, oracle:
     full = history + turn.json()["token_ids"]
     items = ["certainty", {"name": "answerability", "max_tokens": 3}, "rewrite", "certainty"]
 
-    fan = client.post("/intrinsics", json={"conversation_id": "fan", "intrinsics": items, "max_tokens": 5})
+    fan = client.post(
+        "/intrinsics",
+        json={"conversation_id": "fan", "intrinsics": items, "max_tokens": 5, "response_format": FREE_TEXT},
+    )
 
     assert fan.status_code == 200, fan.text
     results = fan.json()["results"]
@@ -32,7 +35,10 @@ def test_fan_out_equals_single_intrinsics_and_peft(client: httpx.Client, oracle:
     for item, result in zip(items, results, strict=True):
         name = item if isinstance(item, str) else item["name"]
         max_tokens = 5 if isinstance(item, str) else item["max_tokens"]
-        single = client.post(f"/intrinsic/{name}", json={"conversation_id": "fan", "max_tokens": max_tokens})
+        single = client.post(
+            f"/intrinsic/{name}",
+            json={"conversation_id": "fan", "max_tokens": max_tokens, "response_format": FREE_TEXT},
+        )
         assert single.json()["token_ids"] == result["token_ids"]
         context = full + invocation(client, name) if name != "rewrite" else full
         expected, _ = oracle.generate(name, context, max_tokens)

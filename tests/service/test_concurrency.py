@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from tests.alora_core.conftest import PeftOracle
-from tests.service.conftest import KEY_A, ServerProcess, invocation_ids
+from tests.service.conftest import FREE_TEXT, KEY_A, ServerProcess, invocation_ids
 
 N = 4
 
@@ -33,7 +33,7 @@ def test_simultaneous_requests_on_one_conversation(
         jobs.append(
             (
                 "/intrinsic/certainty",
-                {"conversation_id": cid, "input_ids": context, "max_tokens": N},
+                {"conversation_id": cid, "input_ids": context, "max_tokens": N, "response_format": FREE_TEXT},
                 "certainty",
                 context,
             )
@@ -41,7 +41,7 @@ def test_simultaneous_requests_on_one_conversation(
         jobs.append(
             (
                 "/intrinsic/rewrite",
-                {"conversation_id": cid, "input_ids": ids, "max_tokens": N},
+                {"conversation_id": cid, "input_ids": ids, "max_tokens": N, "response_format": FREE_TEXT},
                 "rewrite",
                 ids,
             )

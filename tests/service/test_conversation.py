@@ -4,7 +4,7 @@ token against Hugging Face PEFT on the same history (greedy, float32, CPU)."""
 import httpx
 
 from tests.alora_core.conftest import PeftOracle
-from tests.service.conftest import chat_ids, invocation_ids
+from tests.service.conftest import FREE_TEXT, chat_ids, invocation_ids
 
 N = 6  # tokens per answer
 
@@ -42,7 +42,9 @@ def test_multi_turn_conversation_with_intrinsics_matches_peft(
     assert conversation_tokens(client, cid) == len(history)
 
     # intrinsic 1: aLoRA (PEFT >= 0.18 format) on the conversation: invocation appended, base KV reused
-    certainty = client.post("/intrinsic/certainty", json={"conversation_id": cid, "max_tokens": N})
+    certainty = client.post(
+        "/intrinsic/certainty", json={"conversation_id": cid, "max_tokens": N, "response_format": FREE_TEXT}
+    )
     assert certainty.status_code == 200, certainty.text
     c = certainty.json()
     context = history + invocation_ids(client, "certainty")
@@ -69,7 +71,8 @@ def test_multi_turn_conversation_with_intrinsics_matches_peft(
     invocation = invocation_ids(client, "answerability")
     context = history + invocation
     answerability = client.post(
-        "/intrinsic/answerability", json={"conversation_id": cid, "input_ids": context, "max_tokens": N}
+        "/intrinsic/answerability",
+        json={"conversation_id": cid, "input_ids": context, "max_tokens": N, "response_format": FREE_TEXT},
     )
     assert answerability.status_code == 200, answerability.text
     a = answerability.json()
@@ -78,7 +81,9 @@ def test_multi_turn_conversation_with_intrinsics_matches_peft(
     assert a["token_ids"] == greedy(oracle, "answerability", context)
 
     # intrinsic 3: plain LoRA recomputes the whole conversation with its own weights
-    rewrite = client.post("/intrinsic/rewrite", json={"conversation_id": cid, "max_tokens": N})
+    rewrite = client.post(
+        "/intrinsic/rewrite", json={"conversation_id": cid, "max_tokens": N, "response_format": FREE_TEXT}
+    )
     assert rewrite.status_code == 200, rewrite.text
     r = rewrite.json()
     assert r["usage"] == {
@@ -100,7 +105,9 @@ def test_multi_turn_conversation_with_intrinsics_matches_peft(
     assert conversation_tokens(client, cid) == len(h3) + len(t3["token_ids"])
 
     # and the first intrinsic again, on the longer conversation
-    again = client.post("/intrinsic/certainty", json={"conversation_id": cid, "max_tokens": N}).json()
+    again = client.post(
+        "/intrinsic/certainty", json={"conversation_id": cid, "max_tokens": N, "response_format": FREE_TEXT}
+    ).json()
     context = h3 + t3["token_ids"] + invocation_ids(client, "certainty")
     assert again["token_ids"] == greedy(oracle, "certainty", context)
 
@@ -111,7 +118,9 @@ def test_intrinsic_on_messages_without_conversation(client: httpx.Client, oracle
         {"role": "user", "content": "Where is the mountain?"},
         {"role": "assistant", "content": "It is by the river."},
     ]
-    response = client.post("/intrinsic/certainty", json={"messages": messages, "max_tokens": N})
+    response = client.post(
+        "/intrinsic/certainty", json={"messages": messages, "max_tokens": N, "response_format": FREE_TEXT}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     context = chat_ids(oracle, messages, generation_prompt=False) + invocation_ids(client, "certainty")

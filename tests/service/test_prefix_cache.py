@@ -11,6 +11,7 @@ from alora_core.fixtures import DemoPaths
 from tests.alora_core.conftest import PeftOracle, random_ids
 from tests.alora_core.redis_server import RedisServer
 from tests.ops.conftest import scrape
+from tests.service.conftest import FREE_TEXT
 from tests.service.test_redis_tier import client as redis_client
 from tests.service.test_redis_tier import serve
 
@@ -23,6 +24,8 @@ def full_blocks(n: int) -> int:
 
 
 def post(http: httpx.Client, path: str, body: dict) -> dict:
+    if path.startswith("/intrinsic"):  # free text, as PEFT's unconstrained oracle generates it
+        body = {"response_format": FREE_TEXT, **body}
     response = http.post(path, json={"max_tokens": N, **body})
     assert response.status_code == 200, response.text
     return dict(response.json())
