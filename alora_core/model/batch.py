@@ -17,6 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from alora_core.model.cpu_kernels import CpuKernels
+    from alora_core.model.cuda_graphs import GraphRunner
     from alora_core.model.step_buffers import DeviceStep, StepBuffers
 
 T = TypeVar("T")
@@ -156,6 +157,8 @@ class ForwardContext:
     # handed to every StepBatch this context runs (see StepBatch)
     cpu_kernels: "CpuKernels | None" = field(default=None)
     kernel_prefill: bool = field(default=True)
+    # CUDA: decode / small extend steps replayed as CUDA graphs (model/cuda_graphs.py)
+    graphs: "GraphRunner | None" = field(default=None)
 
     @contextmanager
     def bind(self, batch: StepBatch) -> Iterator[None]:
