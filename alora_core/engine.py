@@ -58,7 +58,7 @@ from alora_core.model.attention import kernel_wins_prefill
 from alora_core.model.batch import ForwardContext
 from alora_core.model.coverage import probe
 from alora_core.model.cpu_kernels import load as load_cpu_kernels
-from alora_core.model.cuda_graphs import GraphRunner, bucket_keys, graphs_enabled
+from alora_core.model.cuda_graphs import GraphRunner, MakeGraph, bucket_keys, graphs_enabled
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.model.step_buffers import StepBuffers, paged_kernel_available
 from alora_core.request import Request, RequestHandle, TokenCallback
@@ -483,7 +483,9 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------------
 
-    def _graph_runner(self, loaded: LoadedModel, buffers: StepBuffers) -> GraphRunner:
+    def _graph_runner(
+        self, loaded: LoadedModel, buffers: StepBuffers, make_graph: MakeGraph | None = None
+    ) -> GraphRunner:
         """CUDA graphs over the step buffers (model/cuda_graphs.py); LoRA graphs follow the stacks."""
         from alora_core.lora.layer import MaskedLoRALinear
 
@@ -499,6 +501,7 @@ class Engine:
             self.max_model_len,
             lora_state=lambda: tuple((id(s.weights), s.slots) for s in stacks()),  # type: ignore[attr-defined]
             lora_slots=lambda: frozenset().union(*(s.slots for s in stacks())),  # type: ignore[attr-defined]
+            make_graph=make_graph,
         )
 
     def _submit(self, request: Request) -> "EngineHandle":

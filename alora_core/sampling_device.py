@@ -78,7 +78,9 @@ def adjust(logits: torch.Tensor, rows: list[RowSampling], bitmask: torch.Tensor 
     index_put_), then penalties (one batched call over the penalized rows)."""
     device = logits.device
     if bitmask is not None:
-        logits.masked_fill_(~unpack_bitmask(bitmask.to(device, non_blocking=True), logits.shape[1]), float("-inf"))
+        logits.masked_fill_(
+            ~unpack_bitmask(bitmask.to(device, non_blocking=True), logits.shape[1]), float("-inf")
+        )
     at, ids, values = [], [], []
     for i, row in enumerate(rows):
         for token in row.banned:
@@ -102,7 +104,9 @@ def adjust(logits: torch.Tensor, rows: list[RowSampling], bitmask: torch.Tensor 
             torch.stack([s.prompt_mask for s in states]),  # type: ignore[misc]
             torch.stack([s.output_counts for s in states]),  # type: ignore[misc]
             *(
-                torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).to(device, non_blocking=True)
+                torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).to(
+                    device, non_blocking=True
+                )
                 for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
             ),
         )

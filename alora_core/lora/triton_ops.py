@@ -29,8 +29,9 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from alora_core.lora.adapters import LoraWeights
+
 # the grouping's constants and type live in model/batch.py (StepBuffers groups on the host too)
-from alora_core.model.batch import LARGE_BLOCK_M, SMALL_BLOCK_M, LoraBatch, TokenBlocks  # noqa: F401
+from alora_core.model.batch import LARGE_BLOCK_M, SMALL_BLOCK_M, LoraBatch, TokenBlocks
 from alora_core.model.triton_helpers import INTERPRET as _INTERPRET
 from alora_core.model.triton_helpers import cdiv as _cdiv
 from alora_core.model.triton_helpers import dot as _dot

@@ -65,7 +65,9 @@ def bucket_keys(max_tokens: int, max_seqs: int) -> list[GraphKey]:
         keys += [GraphKey(b, b, 1, has_lora) for b in DECODE_BUCKETS if b <= min(max_tokens, max_seqs)]
         for t in EXTEND_TOKEN_BUCKETS:
             if t <= max_tokens:
-                keys += [GraphKey(t, s, SHORT_QUERY, has_lora) for s in DECODE_BUCKETS if s <= min(t, max_seqs)]
+                keys += [
+                    GraphKey(t, s, SHORT_QUERY, has_lora) for s in DECODE_BUCKETS if s <= min(t, max_seqs)
+                ]
     return sorted(keys, reverse=True)
 
 
@@ -120,6 +122,15 @@ def padded_batch(
 
 
 Replay = Callable[[], None]
+
+
+def rerun_graph(fn: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
+    """A stand-in for a CUDA graph where there is none (CPU tests, bench_gpu --cpu-smoke): replay
+    re-runs the captured function over the same static buffers into the same output."""
+    out = fn()
+    return lambda: out.copy_(fn()), out  # type: ignore[return-value]
+
+
 # (the captured function) -> (replay, its static output)
 MakeGraph = Callable[[Callable[[], torch.Tensor]], tuple[Replay, torch.Tensor]]
 
@@ -161,7 +172,9 @@ class GraphRunner:
         self.max_seq_len = max_seq_len
         self.lora_state = lora_state
         self.lora_slots = lora_slots
-        self.make_graph = make_graph or capture_cuda(torch.cuda.graph_pool_handle())
+        self.make_graph = (
+            make_graph if make_graph is not None else capture_cuda(torch.cuda.graph_pool_handle())
+        )
         self.graphs: dict[GraphKey, tuple[Replay, torch.Tensor]] = {}
         self._captured_lora_state: tuple[object, ...] | None = None
         self._captured_buffer = buffers.device  # the device buffer every graph reads
@@ -190,7 +203,9 @@ class GraphRunner:
         step = batch.device_step
         if step is None or batch.logits_rows.numel() > step.num_seqs:
             return None  # not through StepBuffers, or prompt-scored rows: eager
-        if batch.lora is not None and (batch.lora.blocks is None or batch.lora.blocks.block_m != SMALL_BLOCK_M):
+        if batch.lora is not None and (
+            batch.lora.blocks is None or batch.lora.blocks.block_m != SMALL_BLOCK_M
+        ):
             return None
         return select(
             step.num_tokens,
@@ -204,11 +219,13 @@ class GraphRunner:
     def run(self, batch: StepBatch) -> torch.Tensor | None:
         """Replay the step's graph (capturing it first if needed) -> logits [n, V]; None: run eager."""
         key = self.key_of(batch)
-        if key is None:
-            return None
+        if key is None or batch.input_ids.untyped_storage().data_ptr() != self.buffers.device.data_ptr():
+            return None  # no graph shape holds it, or its step came through other buffers
         if self.buffers.device is not self._captured_buffer:  # the buffers grew: new addresses
             if self.graphs:
-                log.warning("step buffers reallocated: %d CUDA graphs dropped, recaptured on use", len(self.graphs))
+                log.warning(
+                    "step buffers reallocated: %d CUDA graphs dropped, recaptured on use", len(self.graphs)
+                )
             self.graphs.clear()
             self._captured_buffer = self.buffers.device
         if key.has_lora and self._captured_lora_state != self.lora_state():
@@ -225,5 +242,3 @@ class GraphRunner:
         replay()
         self.replays += 1
         return logits[: batch.logits_rows.numel()]
-
-

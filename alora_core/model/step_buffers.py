@@ -181,7 +181,9 @@ class StepBuffers:
         for slot, count in per_slot.items():
             rows[slot] = d["lora_rows"][first : first + count]
             first += count
-        blocks = TokenBlocks(d["lora_rows"][:first], d["lora_blocks"][:num_blocks], block_m, frozenset(per_slot))
+        blocks = TokenBlocks(
+            d["lora_rows"][:first], d["lora_blocks"][:num_blocks], block_m, frozenset(per_slot)
+        )
         return LoraBatch(adapter_index=d["adapter_index"][:t], rows_by_slot=rows, blocks=blocks)
 
     @property

@@ -73,7 +73,9 @@ class SyncGuard(TorchFunctionMode):
             return True
         if name == "to" and args and isinstance(args[0], torch.Tensor):  # a move between devices
             target = kwargs.get("device", args[1] if len(args) > 1 else None)
-            return isinstance(target, (str, torch.device)) and torch.device(target).type != args[0].device.type
+            return (
+                isinstance(target, (str, torch.device)) and torch.device(target).type != args[0].device.type
+            )
         if name in ("__getitem__", "__setitem__") and len(args) > 1:  # boolean-mask indexing
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)

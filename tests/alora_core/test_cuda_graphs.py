@@ -16,7 +16,14 @@ import torch
 
 from alora_core.model import cuda_graphs
 from alora_core.model.batch import NO_SLOT, SeqSpan
-from alora_core.model.cuda_graphs import GraphKey, GraphRunner, bucket_keys, graphs_enabled, padded_batch, select
+from alora_core.model.cuda_graphs import (
+    GraphKey,
+    GraphRunner,
+    bucket_keys,
+    graphs_enabled,
+    padded_batch,
+    select,
+)
 from alora_core.model.step_buffers import StepBuffers
 from tests.alora_core.conftest import TEST_DEVICE, PeftOracle, random_ids
 
@@ -24,7 +31,9 @@ try:
     import triton  # noqa: F401
 except ImportError as exc:
     if os.environ.get("CI") == "true":
-        raise ImportError("CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'") from exc
+        raise ImportError(
+            "CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'"
+        ) from exc
     pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 _previous = os.environ.get("TRITON_INTERPRET")
@@ -38,19 +47,13 @@ finally:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _previous
-if pa.INTERPRET == torch.cuda.is_available() or triton_ops._INTERPRET != pa.INTERPRET:
+if torch.cuda.is_available() == pa.INTERPRET or triton_ops._INTERPRET != pa.INTERPRET:
     raise RuntimeError("the Triton kernels were imported before this module chose the Triton mode")
 
 from alora_core import Engine, SamplingParams  # noqa: E402
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
 
 CUDA = TEST_DEVICE == "cuda"
-
-
-def rerun(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-    """A stand-in CUDA graph (CPU): replay re-runs the captured function into its static output."""
-    out = fn()
-    return lambda: out.copy_(fn()), out
 
 
 def test_select_picks_the_smallest_bucket_that_holds_the_step() -> None:
@@ -126,7 +129,7 @@ def test_graph_replay_equals_eager_on_the_engine(
     monkeypatch.setattr(layer, "lora_kernel_available", lambda device: True)
     if not CUDA:  # the engine builds the runner on CUDA only: here with the stand-in graph
         monkeypatch.setattr(engine_module, "graphs_enabled", lambda device: True)
-        monkeypatch.setattr(cuda_graphs, "capture_cuda", lambda pool: rerun)
+        monkeypatch.setattr(cuda_graphs, "capture_cuda", lambda pool: cuda_graphs.rerun_graph)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     engine = make_engine(max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk_tokens=24)
     runner = engine.ctx.graphs
@@ -171,7 +174,7 @@ def test_lora_graphs_are_dropped_when_a_load_changes_the_stacks(
     monkeypatch.setattr(layer, "lora_kernel_available", lambda device: True)
     if not CUDA:
         monkeypatch.setattr(engine_module, "graphs_enabled", lambda device: True)
-        monkeypatch.setattr(cuda_graphs, "capture_cuda", lambda pool: rerun)
+        monkeypatch.setattr(cuda_graphs, "capture_cuda", lambda pool: cuda_graphs.rerun_graph)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     engine = make_engine(max_num_seqs=4, max_num_batched_tokens=32)
     runner = engine.ctx.graphs

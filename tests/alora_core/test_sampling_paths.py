@@ -56,10 +56,13 @@ def device_choose(logits: torch.Tensor, rows: list[RowSampling], bitmask: torch.
     x = logits.to(TEST_DEVICE).float().clone()
     rows = [
         RowSampling(
-            r.params, r.seed, r.counter, r.banned,
+            r.params,
+            r.seed,
+            r.counter,
+            r.banned,
             None if r.prompt_mask is None else r.prompt_mask.to(TEST_DEVICE),
             None if r.output_counts is None else r.output_counts.to(TEST_DEVICE),
-        )  # fmt: skip
+        )
         for r in rows
     ]
     with SyncGuard(cuda=TEST_DEVICE == "cuda") as guard:
@@ -108,7 +111,11 @@ def test_greedy_rows_are_the_adjusted_argmax(path: str) -> None:
         RowSampling(SamplingParams(logit_bias=((5, 30.0),)), 0, 0),
         RowSampling(SamplingParams(), 0, 0, banned=(int(logits[2].argmax()),)),
         RowSampling(
-            SamplingParams(frequency_penalty=2.0), 0, 0, prompt_mask=torch.zeros(V, dtype=torch.bool), output_counts=counts
+            SamplingParams(frequency_penalty=2.0),
+            0,
+            0,
+            prompt_mask=torch.zeros(V, dtype=torch.bool),
+            output_counts=counts,
         ),
     ]
     expected = [int(logits[0].argmax()), 5]
@@ -143,7 +150,11 @@ def test_draws_follow_the_definition(path: str, params: SamplingParams, masked: 
     expected = definition(logits.tolist(), params, allowed)
     assert set(drawn) == set(expected), "drew a token the definition drops, or missed one it keeps"
     for v, q in expected.items():  # 5 standard deviations of the binomial count
-        assert abs(drawn[v] / DRAWS - q) <= 5 * math.sqrt(q * (1 - q) / DRAWS) + 1e-9, (v, drawn[v] / DRAWS, q)
+        assert abs(drawn[v] / DRAWS - q) <= 5 * math.sqrt(q * (1 - q) / DRAWS) + 1e-9, (
+            v,
+            drawn[v] / DRAWS,
+            q,
+        )
 
 
 @pytest.mark.parametrize("path", PATHS)

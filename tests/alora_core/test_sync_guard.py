@@ -23,7 +23,9 @@ try:
     import triton  # noqa: F401
 except ImportError as exc:
     if os.environ.get("CI") == "true":
-        raise ImportError("CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'") from exc
+        raise ImportError(
+            "CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'"
+        ) from exc
     pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 _previous = os.environ.get("TRITON_INTERPRET")
@@ -37,10 +39,10 @@ finally:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _previous
-if pa.INTERPRET == torch.cuda.is_available() or triton_ops._INTERPRET != pa.INTERPRET:
+if torch.cuda.is_available() == pa.INTERPRET or triton_ops._INTERPRET != pa.INTERPRET:
     raise RuntimeError("the Triton kernels were imported before this module chose the Triton mode")
 
-from alora_core import Engine, SamplingParams  # noqa: E402
+from alora_core import Engine  # noqa: E402
 from alora_core import step as step_module  # noqa: E402
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
 
@@ -95,7 +97,9 @@ def test_host_grouping_equals_the_device_grouping() -> None:
         assert list(per_slot) == sorted(reference.rows_by_slot)
         expected = torch.cat([reference.rows_by_slot[s] for s in sorted(reference.rows_by_slot)])
         assert rows.tolist() == expected.tolist()
-        covered = [r for slot, first, count in blocks for r in rows[first : first + count] if index[r] == slot]
+        covered = [
+            r for slot, first, count in blocks for r in rows[first : first + count] if index[r] == slot
+        ]
         assert sorted(covered) == sorted(expected.tolist())  # every row once, under its own slot
         assert all(1 <= count <= block_m for _, _, count in blocks)
 
