@@ -44,7 +44,8 @@ SYNCING = frozenset(
         "__index__",
     }
 )
-# made from Python or numpy data: inside a captured forward, a copy of the capture's values
+# made from Python or numpy data (or moved up from the host, "upload"): inside a captured forward, the
+# capture's values replayed
 HOST_DATA = frozenset({"tensor", "as_tensor", "from_numpy"})
 _TRITON_DIR = os.sep + "triton" + os.sep
 
@@ -61,27 +62,33 @@ class SyncGuard(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
-        if self._syncs(name, args, kwargs) and not _inside_triton():
-            self.calls.append((name, _our_caller()))
+        kind = self._kind(name, args, kwargs)
+        if kind is not None and not _inside_triton():
+            self.calls.append((kind, _our_caller()))
         return func(*args, **kwargs)
 
     @staticmethod
-    def _syncs(name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> bool:
-        if name in SYNCING:
-            return True
-        if name in HOST_DATA:  # a tensor made from host data in the forward: a graph would replay it stale
-            return True
+    def _kind(name: str, args: tuple[object, ...], kwargs: dict[str, object]) -> str | None:
+        """The name a call is recorded under, or None: a sync by its name, host data entering the step
+        as "tensor" / "as_tensor" / "from_numpy" / "upload" (not a sync, but a graph would replay the
+        capture's values: fine after the graph, in the sampler; not inside the forward)."""
+        if name in SYNCING or name in HOST_DATA:
+            return name
         if name == "to" and args and isinstance(args[0], torch.Tensor):  # a move between devices
             target = kwargs.get("device", args[1] if len(args) > 1 else None)
-            return (
-                isinstance(target, (str, torch.device)) and torch.device(target).type != args[0].device.type
-            )
+            if not isinstance(target, (str, torch.device)):
+                return None
+            source, dest = args[0].device.type, torch.device(target).type
+            if source != "cpu" and dest == "cpu":
+                return "to(cpu)"
+            return "upload" if source == "cpu" and dest != "cpu" else None
         if name in ("__getitem__", "__setitem__") and len(args) > 1:  # boolean-mask indexing
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
-        if name == "repeat_interleave":  # its output size is data-dependent unless given
-            return "output_size" not in kwargs
-        return False
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                return "boolean mask"
+        if name == "repeat_interleave" and "output_size" not in kwargs:  # its output size is data-dependent
+            return name
+        return None
 
     def __enter__(self) -> "SyncGuard":
         if self.cuda:
