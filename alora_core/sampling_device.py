@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from alora_core.sampling import SamplingParams, apply_penalties
+from alora_core.structured.matcher import unpack
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MUL = 0x045D9F3B  # < 2^31: products of 32-bit values stay inside int64 (no overflow)
@@ -64,23 +65,12 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor, tokens: torch.Tensor) -
     return (bits.float() + 0.5) / float(1 << 24)
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bitmask [B, W] int32 -> allowed [B, vocab] bool: bit v % 32 of word v // 32 (ids past 32 W: no)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1).bool()
-    if bits.shape[1] >= vocab:
-        return bits[:, :vocab]
-    return torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
-
-
 def adjust(logits: torch.Tensor, rows: list[RowSampling], bitmask: torch.Tensor | None = None) -> None:
     """In place on logits [B, V] float32: the grammar bitmask, then min_tokens and logit_bias (one
     index_put_), then penalties (one batched call over the penalized rows)."""
     device = logits.device
     if bitmask is not None:
-        logits.masked_fill_(
-            ~unpack_bitmask(bitmask.to(device, non_blocking=True), logits.shape[1]), float("-inf")
-        )
+        logits.masked_fill_(~unpack(bitmask.to(device, non_blocking=True), logits.shape[1]), float("-inf"))
     at, ids, values = [], [], []
     for i, row in enumerate(rows):
         for token in row.banned:
