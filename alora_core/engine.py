@@ -58,13 +58,14 @@ from alora_core.model.attention import kernel_wins_prefill
 from alora_core.model.batch import ForwardContext
 from alora_core.model.coverage import probe
 from alora_core.model.cpu_kernels import load as load_cpu_kernels
+from alora_core.model.cuda_graphs import GraphRunner, MakeGraph, bucket_keys, graphs_enabled
 from alora_core.model.loader import DType, LoadedModel, load_model
 from alora_core.model.step_buffers import StepBuffers, paged_kernel_available
 from alora_core.request import Request, RequestHandle, TokenCallback
 from alora_core.sampling import SamplingParams, TokenLogprobs
 from alora_core.scheduler import ModelHandle, Scheduler, SchedulerConfig
 from alora_core.sequence import NO_ACTIVATION, FinishReason
-from alora_core.step import forward
+from alora_core.step import forward, forward_eager
 from alora_core.structured import GrammarCompiler, GrammarState
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,11 @@ class Engine:
             loaded.device,
             lora_targets=self.coverage.lora_targets,
         )
+        self.graph_capture_s = 0.0
+        if self.ctx.buffers is not None and graphs_enabled(loaded.device):
+            self.ctx.graphs = self._graph_runner(loaded, self.ctx.buffers)
+            base = [key for key in bucket_keys(*self.ctx.buffers.shape[:2]) if not key.has_lora]
+            self.graph_capture_s = self.ctx.graphs.capture(base)  # LoRA graphs: on first use
         self.scheduler = Scheduler(
             ModelHandle(
                 model=loaded.model,
@@ -484,6 +490,27 @@ class Engine:
         self.tiers.close()
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _graph_runner(
+        self, loaded: LoadedModel, buffers: StepBuffers, make_graph: MakeGraph | None = None
+    ) -> GraphRunner:
+        """CUDA graphs over the step buffers (model/cuda_graphs.py); LoRA graphs follow the stacks."""
+        from alora_core.lora.layer import MaskedLoRALinear
+
+        def stacks() -> list[object]:
+            return [
+                m.group.stack for m in loaded.model.modules() if isinstance(m, MaskedLoRALinear) and m.group
+            ]
+
+        return GraphRunner(
+            functools.partial(forward_eager, loaded.model, self.ctx),
+            buffers,
+            self.pool.kv,
+            self.max_model_len,
+            lora_state=lambda: tuple((id(s.weights), s.slots) for s in stacks()),  # type: ignore[attr-defined]
+            lora_slots=lambda: frozenset().union(*(s.slots for s in stacks())),  # type: ignore[attr-defined]
+            make_graph=make_graph,
+        )
 
     def _submit(self, request: Request) -> "EngineHandle":
         handle = EngineHandle(request, self.scheduler.wake, self)

@@ -135,7 +135,15 @@ def segments(table: BlockTable, num_tokens: int) -> tuple[tuple[int, int], ...]:
 
 @torch.inference_mode()
 def forward(model: nn.Module, ctx: ForwardContext, batch: StepBatch) -> torch.Tensor:
-    """One forward pass of the HF model over the flat batch -> logits [len(logits_rows), V]."""
+    """One forward pass of the HF model over the flat batch -> logits [len(logits_rows), V]
+    (on CUDA, a replay of the step's captured graph where one fits: model/cuda_graphs.py)."""
+    if ctx.graphs is not None and (logits := ctx.graphs.run(batch)) is not None:
+        return logits
+    return forward_eager(model, ctx, batch)
+
+
+@torch.inference_mode()
+def forward_eager(model: nn.Module, ctx: ForwardContext, batch: StepBatch) -> torch.Tensor:
     if ctx.cpu_kernels is not None and batch.cpu_kernels is None:
         batch = dataclasses.replace(batch, cpu_kernels=ctx.cpu_kernels, kernel_prefill=ctx.kernel_prefill)
     with ctx.bind(batch):

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from alora_core import Engine, SamplingParams
+from alora_core.model import cuda_graphs
 from alora_core.model.attention import attend_gathered, gather_plan
 from alora_core.model.batch import SeqSpan
 from alora_core.model.step_buffers import StepBuffers
@@ -251,6 +252,18 @@ def use_kernel(engine: Engine, on: bool) -> None:
         )
 
 
+def use_graphs(engine: Engine, on: bool) -> None:
+    """Replay decode / small extend steps as CUDA graphs (the engine's default on CUDA), or run every
+    step eager. On CPU (--cpu-smoke) the runner replays with the stand-in graph (re-run)."""
+    if not on:
+        engine.ctx.graphs = None
+    elif engine.ctx.graphs is None and engine.ctx.buffers is not None:
+        cuda = engine.loaded.device.type == "cuda"
+        engine.ctx.graphs = engine._graph_runner(
+            engine.loaded, engine.ctx.buffers, None if cuda else cuda_graphs.rerun_graph
+        )
+
+
 def end_to_end(
     shape: dict[str, Any],
     args: argparse.Namespace,
@@ -274,6 +287,8 @@ def end_to_end(
     result: dict[str, Any] = {"build_and_load_s": time.perf_counter() - t0}  # LoRA kernels tuned at load
     try:
         use_kernel(engine, True)
+        result["capture_s"] = engine.graph_capture_s  # base graphs, captured at start-up (0: not on CUDA)
+        use_graphs(engine, True)
         t0 = time.perf_counter()
         warm_up(engine, args, invocation)
         result["warmup_s"] = time.perf_counter() - t0  # compiles every kernel variant and tunes the LoRA ones
@@ -288,12 +303,26 @@ def end_to_end(
                 decode[str(b)] = decode_ms(engine, b, args.decode_context, args.decode_tokens, seed=b)
                 save(result | {"decode_ms_per_token": decode})
                 log(f"decode batch {b}: {decode[str(b)]:.2f} ms/token")
-        result["decode_ms_per_token"] = decode
+        result["decode_ms_per_token"] = decode  # CUDA-graph replays (decode steps fit a graph)
+        runner = engine.ctx.graphs
+        if runner is not None:
+            result["capture_s_total"] = runner.capture_s  # start-up + LoRA graphs captured on first use
+            result["graph_replays"] = runner.replays
+        eager: dict[str, float] = {}
+        if budget.allows("eager decode", 20 + max(args.batches) if cuda else 0):
+            use_graphs(engine, False)
+            for b in args.batches:
+                eager[str(b)] = decode_ms(engine, b, args.decode_context, args.decode_tokens, seed=b)
+                log(f"eager decode batch {b}: {eager[str(b)]:.2f} ms/token")
+            result["decode_ms_per_token_eager"] = eager
+            engine.ctx.graphs = runner
+        save(result)
         if "1" in decode:
             result.update(hbm_fraction(engine, decode["1"], args.decode_context, device))
         save(result)
         if budget.allows("gather path A/B", 60 if cuda else 0):
             use_kernel(engine, False)
+            use_graphs(engine, False)  # the graphs read the step buffers
             gather = ttft_and_long_decode(engine, args, invocation, "conv-gather")
             gather["decode_ms_per_token_b1"] = decode_ms(
                 engine, 1, args.decode_context, args.decode_tokens, seed=1
@@ -301,6 +330,7 @@ def end_to_end(
             result["gather_path"] = gather
             save(result)
             use_kernel(engine, True)
+            engine.ctx.graphs = runner
     finally:
         engine.close()
 
@@ -431,8 +461,12 @@ def report(rows: list[dict], e2e: dict[str, Any] | None, device: torch.device) -
         print(f"  aLoRA intrinsic TTFT   {e2e['alora_ttft_ms_8192']:8.1f} ms   (base KV reused)")
         print(f"  plain LoRA TTFT        {e2e['lora_ttft_ms_8192']:8.1f} ms   (full recompute)")
         print(f"  aLoRA / base decode    {e2e['alora_decode_over_base']:8.2f}x  (on the conversation)")
+        eager = e2e.get("decode_ms_per_token_eager", {})
         for b, ms in e2e.get("decode_ms_per_token", {}).items():
-            print(f"  decode batch {b:>3}       {ms:8.2f} ms/token")
+            print(
+                f"  decode batch {b:>3}       {ms:8.2f} ms/token (CUDA graphs)   eager {eager.get(b, float('nan')):8.2f}"
+            )
+        print(f"  graph capture          {e2e.get('capture_s', 0.0):8.1f} s at start-up")
         if e2e.get("hbm_fraction_b1") is not None:
             print(f"  HBM fraction, batch 1  {e2e['hbm_fraction_b1']:8.1%}  (of the datasheet bandwidth)")
         if "gather_path" in e2e:
@@ -443,6 +477,26 @@ def report(rows: list[dict], e2e: dict[str, Any] | None, device: torch.device) -
         if device.type == "cuda":
             ttft = e2e["alora_ttft_ms_8192"]
             checks.append({"check": "aLoRA intrinsic TTFT at 8K <= 25 ms", "value": ttft, "ok": ttft <= 25})
+            # issue 21 (H100 targets; decode rows x0.7 on an H200: the script reports, the reader scales)
+            decode = e2e.get("decode_ms_per_token", {})
+            if "1" in decode:
+                checks.append(
+                    {
+                        "check": "decode batch 1 <= 10 ms/token (H100)",
+                        "value": decode["1"],
+                        "ok": decode["1"] <= 10,
+                    }
+                )
+            if "32" in decode:
+                checks.append(
+                    {
+                        "check": "decode batch 32 <= 20 ms/step (H100)",
+                        "value": decode["32"],
+                        "ok": decode["32"] <= 20,
+                    }
+                )
+            checks.append({"check": "start-up graph capture <= 60 s", "value": e2e.get("capture_s", 0.0),
+                           "ok": e2e.get("capture_s", 0.0) <= 60})  # fmt: skip
     print_checks(checks, digits=4)
     return checks
 

@@ -14,6 +14,10 @@
 #       bash loadtest/gpu_session.sh gpu paged
 #   then copy $OUT/bench_gpu.json to loadtest/results/gpu/bench_gpu.json and commit it.
 #
+#   The CUDA-graph decode session (issue 21): the same one call, the benchmark (graphed and eager decode
+#   rows, capture_s) then the graph, sync-guard and sampler tests on CUDA (<= 210 s):
+#       bash loadtest/gpu_session.sh gpu decode
+#
 # Results land in $OUT (or loadtest/results/gpu when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-loadtest/results/gpu}
@@ -45,6 +49,11 @@ for step in $steps; do
         ALORA_TEST_DEVICE=cuda timeout 210 python3 -m pytest -q -p no:cacheprovider --timeout 150 \
             -k "not compile_for_sm80" tests/alora_core/test_paged_attention_triton.py \
             tests/alora_core/test_step_buffers.py 2>&1 | tee "$OUT/pytest_paged.log" | tail -30 ;;
+    decode) # CUDA graphs: replay equals eager (float32 against PEFT), no host sync in a step
+        # (torch.cuda.set_sync_debug_mode("error")), the device sampler against the definition
+        ALORA_TEST_DEVICE=cuda timeout 210 python3 -m pytest -q -p no:cacheprovider --timeout 150 \
+            tests/alora_core/test_cuda_graphs.py tests/alora_core/test_sync_guard.py \
+            tests/alora_core/test_sampling_paths.py 2>&1 | tee "$OUT/pytest_decode.log" | tail -30 ;;
     gpu) # kernel vs gather+SDPA, then the 8B-shaped engine end to end (skips its later parts past 270 s)
         timeout 330 python3 -m loadtest.bench_gpu --budget-s 270 --out "$OUT/bench_gpu.json" \
             2>&1 | tee "$OUT/bench_gpu.log" ;;

@@ -29,13 +29,14 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from alora_core.lora.adapters import LoraWeights
-from alora_core.model.batch import LoraBatch
+
+# the grouping's constants and type live in model/batch.py (StepBuffers groups on the host too)
+from alora_core.model.batch import LARGE_BLOCK_M, SMALL_BLOCK_M, LoraBatch, TokenBlocks
 from alora_core.model.triton_helpers import INTERPRET as _INTERPRET
 from alora_core.model.triton_helpers import cdiv as _cdiv
 from alora_core.model.triton_helpers import dot as _dot
 
 MIN_RANK_BLOCK = 16  # tl.dot needs every tile dimension >= 16
-SMALL_BLOCK_M, LARGE_BLOCK_M = 16, 64  # rows per block: decode-like steps / long prefill segments
 
 
 def _configs(name: str, sizes: Sequence[tuple[int, int, int]]) -> list[triton.Config]:
@@ -176,21 +177,13 @@ def _expand_kernel(
         y_ptrs += BLOCK_N
 
 
-@dataclass(frozen=True)
-class TokenBlocks:
-    """The step's LoRA rows grouped by slot and cut into blocks of at most `block_m` rows."""
-
-    rows: torch.Tensor  # [n] int64 flat-batch rows with idx >= 0, sorted by slot
-    blocks: torch.Tensor  # [n_blocks, 3] int32 (slot, first index into rows, row count)
-    block_m: int
-    slots: frozenset[int]
-
-
 _last_step: tuple[LoraBatch, TokenBlocks] | None = None  # every layer of a forward reads the same LoraBatch
 
 
 def token_blocks(lora: LoraBatch) -> TokenBlocks:
     """Group the step's rows by adapter (once per LoraBatch: later layers of the forward reuse it)."""
+    if lora.blocks is not None:  # grouped on the host and uploaded with the step (model/step_buffers.py)
+        return lora.blocks
     global _last_step
     last = _last_step
     if last is not None and last[0] is lora:

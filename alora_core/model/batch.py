@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar, cast
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from alora_core.model.cpu_kernels import CpuKernels
+    from alora_core.model.cuda_graphs import GraphRunner
     from alora_core.model.step_buffers import DeviceStep, StepBuffers
 
 T = TypeVar("T")
@@ -33,6 +35,37 @@ class SeqSpan:
     ]  # [start, end) pool slot ranges covering positions 0..context_len-1
 
 
+SMALL_BLOCK_M, LARGE_BLOCK_M = 16, 64  # LoRA kernel rows per block: decode-like steps / long prefill segments
+NO_SLOT = 2**31 - 1  # the slot of a padding block: >= every stack's slot count, so the kernels skip it
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """The step's LoRA rows grouped by slot and cut into blocks of at most `block_m` rows (the fused
+    kernels' input, lora/triton_ops.py)."""
+
+    rows: torch.Tensor  # [n] int64 flat-batch rows with idx >= 0, sorted by slot
+    blocks: torch.Tensor  # [n_blocks, 3] int32 (slot, first index into rows, row count)
+    block_m: int
+    slots: frozenset[int]
+
+
+def group_rows(index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, int]], int, dict[int, int]]:
+    """Host-side grouping of a step's adapter index [T] (no device read):
+    rows with idx >= 0 sorted by slot (stable), their blocks (slot, first, count <= block_m), block_m,
+    and {slot: row count}, slots ascending."""
+    used = np.flatnonzero(index >= 0)
+    rows = used[np.argsort(index[used], kind="stable")]
+    slots, counts = np.unique(index[used], return_counts=True)
+    per_slot = {int(s): int(c) for s, c in zip(slots, counts, strict=True)}
+    block_m = LARGE_BLOCK_M if len(rows) >= LARGE_BLOCK_M * max(1, len(slots)) else SMALL_BLOCK_M
+    blocks, first = [], 0
+    for slot, count in per_slot.items():
+        blocks += [(slot, first + i, min(block_m, count - i)) for i in range(0, count, block_m)]
+        first += count
+    return rows, blocks, block_m, per_slot
+
+
 @dataclass(frozen=True)
 class LoraBatch:
     """Per-token adapter slots. -1 = no LoRA (base requests, aLoRA tokens before activation)."""
@@ -40,6 +73,8 @@ class LoraBatch:
     adapter_index: torch.Tensor  # [T] int64
     rows_by_slot: dict[int, torch.Tensor]  # slot -> rows of the flat batch that use it (computed once a step)
     derived: dict[tuple[int, ...], "SlotRows"] = field(default_factory=dict, compare=False, repr=False)
+    # CUDA steps through StepBuffers: the kernels' blocks, grouped on the host and uploaded with the step
+    blocks: TokenBlocks | None = None
 
     @classmethod
     def from_index(cls, adapter_index: torch.Tensor) -> "LoraBatch | None":
@@ -122,6 +157,8 @@ class ForwardContext:
     # handed to every StepBatch this context runs (see StepBatch)
     cpu_kernels: "CpuKernels | None" = field(default=None)
     kernel_prefill: bool = field(default=True)
+    # CUDA: decode / small extend steps replayed as CUDA graphs (model/cuda_graphs.py)
+    graphs: "GraphRunner | None" = field(default=None)
 
     @contextmanager
     def bind(self, batch: StepBatch) -> Iterator[None]:

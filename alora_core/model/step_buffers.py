@@ -3,14 +3,19 @@ from one pinned host buffer with one non-blocking copy. The paged attention kern
 (model/paged_attention_triton.py); the StepBatch of the step is made of its views.
 
     host (pinned) bytes ──one copy──> device bytes, both laid out:
-        int64 | input_ids [T] | positions [T] | slot_mapping [T] | adapter_index [T] | logits_rows [S] |
-        int32 | seq_lens [S] | query_start [S + 1] | (pad to 8 bytes) | block_tables [S, B] |
+        int64 | input_ids [T] | positions [T] | slot_mapping [T] | adapter_index [T] | lora_rows [T] |
+              | logits_rows [S] |
+        int32 | seq_lens [S] | query_start [S + 1] | lora_blocks [T, 3] | (pad to 8 bytes) | block_tables [S, B] |
     T = max tokens of a step, S = max sequences, B = max blocks of one sequence
     a step copies the prefix up to its last sequence's block-table row
 
 Entries past the step's own (padding, for fixed-shape launches such as CUDA graphs) are inert: slot -1
 (the KV write skips it: no reserved trash slot is needed), adapter -1, seq_len 0, query_start = the
-step's token count (empty sequences), logits row 0. A step larger than the buffers grows them.
+step's token count (empty sequences), logits row 0, LoRA block (NO_SLOT, 0, 0) (the kernels skip it).
+A step larger than the buffers grows them.
+
+The LoRA kernels' row grouping (lora_rows, lora_blocks: model/batch.group_rows) is computed here from
+the host's adapter index, so no step reads the device index back (torch.unique + nonzero did: a sync).
 """
 
 import logging
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from alora_core.model.batch import LoraBatch, SeqSpan, StepBatch
+from alora_core.model.batch import NO_SLOT, LoraBatch, SeqSpan, StepBatch, TokenBlocks, group_rows
 from alora_core.model.triton_check import triton_imports
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,9 @@ class StepBuffers:
     def _allocate(self, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
         t, s = max_tokens, max_seqs
-        ints64 = 4 * t + s
-        ints32 = 2 * s + 2  # seq_lens, query_start and one int32 of padding: the table starts 8-byte aligned
+        ints64 = 5 * t + s
+        ints32 = 2 * s + 1 + 3 * t  # seq_lens, query_start, lora_blocks
+        ints32 += ints32 % 2  # one int32 of padding where needed: the table starts 8-byte aligned
         self._table_offset = 8 * ints64 + 4 * ints32  # bytes
         nbytes = self._table_offset + 4 * s * max_blocks
         pin = self.target.type == "cuda"
@@ -76,16 +82,18 @@ class StepBuffers:
 
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         t, s = self.max_tokens, self.max_seqs
-        i64 = buf[: 8 * (4 * t + s)].view(torch.int64)
-        i32 = buf[8 * (4 * t + s) : self._table_offset].view(torch.int32)
+        i64 = buf[: 8 * (5 * t + s)].view(torch.int64)
+        i32 = buf[8 * (5 * t + s) : self._table_offset].view(torch.int32)
         return {
             "input_ids": i64[:t],
             "positions": i64[t : 2 * t],
             "slot_mapping": i64[2 * t : 3 * t],
             "adapter_index": i64[3 * t : 4 * t],
-            "logits_rows": i64[4 * t : 4 * t + s],
+            "lora_rows": i64[4 * t : 5 * t],
+            "logits_rows": i64[5 * t : 5 * t + s],
             "seq_lens": i32[:s],
             "query_start": i32[s : 2 * s + 1],
+            "lora_blocks": i32[2 * s + 1 : 2 * s + 1 + 3 * t].view(t, 3),
             "block_tables": buf[self._table_offset :].view(torch.int32).view(s, self.max_blocks),
         }
 
@@ -131,6 +139,12 @@ class StepBuffers:
         h["query_start"][s:] = t
         for row, b in enumerate(blocks):
             h["block_tables"][row, : len(b)] = b
+        lora_rows, lora_blocks, block_m, per_slot = group_rows(h["adapter_index"][:t])
+        h["lora_rows"][: len(lora_rows)] = lora_rows
+        h["lora_rows"][len(lora_rows) :] = 0
+        if lora_blocks:
+            h["lora_blocks"][: len(lora_blocks)] = lora_blocks
+        h["lora_blocks"][len(lora_blocks) :] = (NO_SLOT, 0, 0)
         used = self._table_offset + 4 * s * self.max_blocks
         self.device[:used].copy_(self.host[:used], non_blocking=True)
         if self.device.is_cuda:
@@ -153,10 +167,24 @@ class StepBuffers:
             slot_mapping=d["slot_mapping"][:t],
             seqs=seqs,
             kv=kv,
-            lora=LoraBatch.from_index(d["adapter_index"][:t]),
+            lora=self._lora(per_slot, len(lora_blocks), block_m, t),
             logits_rows=d["logits_rows"][: logits_rows.numel()],
             device_step=step,
         )
+
+    def _lora(self, per_slot: dict[int, int], num_blocks: int, block_m: int, t: int) -> LoraBatch | None:
+        """The step's LoraBatch over the device views (what LoraBatch.from_index derives, without a sync)."""
+        if not per_slot:
+            return None
+        d = self._device_views
+        rows, first = {}, 0
+        for slot, count in per_slot.items():
+            rows[slot] = d["lora_rows"][first : first + count]
+            first += count
+        blocks = TokenBlocks(
+            d["lora_rows"][:first], d["lora_blocks"][:num_blocks], block_m, frozenset(per_slot)
+        )
+        return LoraBatch(adapter_index=d["adapter_index"][:t], rows_by_slot=rows, blocks=blocks)
 
     @property
     def shape(self) -> tuple[int, int, int]:
