@@ -15,6 +15,7 @@ from alora_core.step import Work
 from service.errors import HTTP_CODES, ServiceError
 from service.metrics import ENDPOINTS, REJECTIONS, UNKNOWN, InterTokenTimer, Metrics, error_code_of
 from tests.ops.conftest import API_KEY, MAX_REQUEST_BYTES, ROOT, Scrape, scrape
+from tests.service.conftest import FREE_TEXT
 
 PER_REQUEST = (
     "alora_time_to_first_token_seconds_count",
@@ -52,7 +53,8 @@ def test_each_request_is_counted_once_with_its_usage(ops_client: httpx.Client) -
     }
     second = streamed_final(ops_client.post("/generate", json=second_body))
     certainty = ops_client.post(
-        "/intrinsic/certainty", json={"conversation_id": conv, "max_tokens": 3, "ignore_eos": True}
+        "/intrinsic/certainty",
+        json={"conversation_id": conv, "max_tokens": 3, "ignore_eos": True, "response_format": FREE_TEXT},
     ).json()
     fan_out = ops_client.post(
         "/intrinsics",
@@ -61,6 +63,7 @@ def test_each_request_is_counted_once_with_its_usage(ops_client: httpx.Client) -
             "intrinsics": ["answerability", {"name": "rewrite", "max_tokens": 3}],
             "max_tokens": 2,
             "ignore_eos": True,
+            "response_format": FREE_TEXT,
         },
     )
     assert fan_out.status_code == 200, fan_out.text

@@ -20,7 +20,7 @@ from tests.alora_core.conftest import PeftOracle, random_ids
 from tests.alora_core.redis_server import RedisClusterSet, SentinelSet, redis_binary, wait_for
 from tests.alora_core.test_redis_cluster import conversation_keys
 from tests.ops.conftest import scrape
-from tests.service.conftest import KEY_A, ServerProcess, invocation_ids
+from tests.service.conftest import FREE_TEXT, KEY_A, ServerProcess, invocation_ids
 from tests.service.test_redis_tier import client, wait_ready
 
 pytestmark = pytest.mark.redis
@@ -89,7 +89,10 @@ def test_conversations_written_by_one_replica_resume_on_the_other(
     certainty = invocation_ids(b, "certainty")
     for cid in list(histories)[:5]:  # intrinsics by id only: the history comes from A's handle
         context = histories[cid] + first[cid]
-        response = b.post("/intrinsic/certainty", json={"conversation_id": cid, "max_tokens": N})
+        response = b.post(
+            "/intrinsic/certainty",
+            json={"conversation_id": cid, "max_tokens": N, "response_format": FREE_TEXT},
+        )
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["cached_tokens"] == len(context) - 1
         assert response.json()["token_ids"] == oracle.generate("certainty", context + certainty, N)[0]
@@ -232,7 +235,8 @@ def test_sentinel_failover_is_followed_without_restart(
         assert body["token_ids"] == oracle.generate(None, turn, N)[0]
         context = turn + body["token_ids"] + invocation_ids(http, "certainty")
         intrinsic = http.post(
-            "/intrinsic/certainty", json={"conversation_id": "sentinel-chat", "max_tokens": N}
+            "/intrinsic/certainty",
+            json={"conversation_id": "sentinel-chat", "max_tokens": N, "response_format": FREE_TEXT},
         )
         assert (
             intrinsic.status_code == 200

@@ -11,7 +11,7 @@ import pytest
 from alora_core.fixtures import DemoPaths
 from tests.alora_core.conftest import PeftOracle, random_ids
 from tests.alora_core.redis_server import RedisServer, redis_binary
-from tests.service.conftest import KEY_A, ServerProcess, free_port, invocation_ids
+from tests.service.conftest import FREE_TEXT, KEY_A, ServerProcess, free_port, invocation_ids
 
 pytestmark = pytest.mark.redis
 
@@ -64,7 +64,10 @@ def test_a_second_server_resumes_the_conversation(
         assert turn2["usage"]["cached_tokens"] == len(history) + 3
         assert turn2["token_ids"] == oracle.generate(None, turn, 6)[0]  # equals a fresh recompute
 
-        intrinsic = http.post("/intrinsic/certainty", json={"conversation_id": "chat", "max_tokens": 5})
+        intrinsic = http.post(
+            "/intrinsic/certainty",
+            json={"conversation_id": "chat", "max_tokens": 5, "response_format": FREE_TEXT},
+        )
         assert intrinsic.status_code == 200, intrinsic.text
         context = turn + turn2["token_ids"] + invocation_ids(http, "certainty")
         assert intrinsic.json()["token_ids"] == oracle.generate("certainty", context, 5)[0]

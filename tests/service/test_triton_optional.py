@@ -15,7 +15,7 @@ import pytest
 
 from alora_core.fixtures import DemoPaths
 from tests.alora_core.conftest import PeftOracle, random_ids
-from tests.service.conftest import ServerProcess, invocation_ids
+from tests.service.conftest import FREE_TEXT, ServerProcess, invocation_ids
 
 WARNING = "triton is not importable"
 
@@ -59,7 +59,10 @@ def test_serves_without_triton(
             assert turn.json()["token_ids"] == oracle.generate(None, history, 3)[0]
             full = history + turn.json()["token_ids"]
             for name in ("certainty", "rewrite"):  # an aLoRA on the cached conversation, a plain LoRA
-                response = client.post(f"/intrinsic/{name}", json={"conversation_id": "t", "max_tokens": 3})
+                response = client.post(
+                    f"/intrinsic/{name}",
+                    json={"conversation_id": "t", "max_tokens": 3, "response_format": FREE_TEXT},
+                )
                 assert response.status_code == 200, response.text
                 context = full + invocation_ids(client, name)
                 assert response.json()["token_ids"] == oracle.generate(name, context, 3)[0], name
