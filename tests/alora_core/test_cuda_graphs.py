@@ -8,12 +8,13 @@ inert, the key picks a shape that holds the step, LoRA graphs follow the stacks)
 ALORA_TEST_DEVICE=cuda the same tests capture and replay real CUDA graphs.
 """
 
-import os
 from collections.abc import Callable
 
 import pytest
 import torch
 
+import tests.alora_core.interpreted_triton  # noqa: F401  (the kernels in the tests' Triton mode)
+from alora_core import Engine, SamplingParams
 from alora_core.model import cuda_graphs
 from alora_core.model.batch import NO_SLOT, SeqSpan
 from alora_core.model.cuda_graphs import (
@@ -26,32 +27,7 @@ from alora_core.model.cuda_graphs import (
 )
 from alora_core.model.step_buffers import StepBuffers
 from tests.alora_core.conftest import TEST_DEVICE, PeftOracle, random_ids
-
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("CI") == "true":
-        raise ImportError(
-            "CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'"
-        ) from exc
-    pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
-
-_previous = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from alora_core.lora import triton_ops
-    from alora_core.model import paged_attention_triton as pa
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
-if torch.cuda.is_available() == pa.INTERPRET or triton_ops._INTERPRET != pa.INTERPRET:
-    raise RuntimeError("the Triton kernels were imported before this module chose the Triton mode")
-
-from alora_core import Engine, SamplingParams  # noqa: E402
-from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
+from tests.alora_core.test_engine_parity import GREEDY, assert_matches
 
 CUDA = TEST_DEVICE == "cuda"
 

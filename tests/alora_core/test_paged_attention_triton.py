@@ -24,31 +24,10 @@ from torch import nn
 
 from alora_core.model.batch import SeqSpan, StepBatch
 from alora_core.model.step_buffers import DeviceStep, StepBuffers
+from tests.alora_core.interpreted_triton import pa  # first: the kernels in the tests' Triton mode
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("CI") == "true":
-        raise ImportError(
-            "CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'"
-        ) from exc
-    pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
-
-_previous = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from alora_core.model import paged_attention_triton as pa
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
-if pa.INTERPRET == CUDA:
-    raise RuntimeError("the Triton kernels were imported before this module chose the Triton mode")
 
 from alora_core import Engine, SamplingParams  # noqa: E402
 from alora_core.fixtures import DemoPaths  # noqa: E402

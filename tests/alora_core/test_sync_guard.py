@@ -6,41 +6,19 @@ a GPU (model/sync_guard.py); with ALORA_TEST_DEVICE=cuda the same steps run comp
 `torch.cuda.set_sync_debug_mode("error")`, so a real sync raises.
 """
 
-import os
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
+import tests.alora_core.interpreted_triton  # noqa: F401  (the kernels in the tests' Triton mode)
 from alora_core.model.batch import LoraBatch, group_rows
 from alora_core.model.sync_guard import SyncGuard
 from tests.alora_core.conftest import TEST_DEVICE, PeftOracle, random_ids
 
 CUDA = TEST_DEVICE == "cuda"
 
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("CI") == "true":
-        raise ImportError(
-            "CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'"
-        ) from exc
-    pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
-
-_previous = os.environ.get("TRITON_INTERPRET")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from alora_core.lora import triton_ops
-    from alora_core.model import paged_attention_triton as pa
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
-if torch.cuda.is_available() == pa.INTERPRET or triton_ops._INTERPRET != pa.INTERPRET:
-    raise RuntimeError("the Triton kernels were imported before this module chose the Triton mode")
 
 from alora_core import Engine  # noqa: E402
 from alora_core import step as step_module  # noqa: E402

@@ -23,36 +23,15 @@ from torch import nn
 from alora_core.lora.adapters import LoraWeights
 from alora_core.lora.ops import masked_lora_reference
 from alora_core.model.batch import ForwardContext, LoraBatch, StepBatch
+from tests.alora_core.interpreted_triton import triton_ops  # first: the kernels in the tests' Triton mode
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    if os.environ.get("CI") == "true":
-        raise ImportError(
-            "CI needs triton for these tests: pip install -c constraints/cpu.txt -e '.[test]'"
-        ) from exc
-    pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
-
-_previous = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from alora_core.lora import triton_ops
-    from alora_core.lora.triton_ops import LoraStack, masked_lora_triton, token_blocks
-finally:
-    if _previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
-if triton_ops._INTERPRET == CUDA:
-    raise RuntimeError("alora_core.lora.triton_ops was imported before this module chose the Triton mode")
-
 from alora_core import Engine, SamplingParams  # noqa: E402
 from alora_core.lora import layer, registry  # noqa: E402
 from alora_core.lora.layer import MaskedLoRALinear, install, warm_up_kernels  # noqa: E402
+from alora_core.lora.triton_ops import LoraStack, masked_lora_triton, token_blocks  # noqa: E402
 from tests.alora_core.conftest import PeftOracle, random_ids  # noqa: E402
 from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
 
