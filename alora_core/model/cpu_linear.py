@@ -11,9 +11,12 @@ and one GEMM for sibling projections that read the same input.
 Measured on the 2-core CI VM, one thread, a decode step's linears of the bench model (8 layers + LM
 head, weights streamed from memory): 1 row 14.7 ms F.linear, 9.7 ms packed (padded); 16 rows 32.0 vs
 16.6 ms; 64 rows 75 vs 52 ms; 512 rows 487 vs 420 ms. Nothing is assumed: at start-up each distinct
-weight shape is timed all three ways at each row bucket up to MAX_ROWS, and a layout other than F.linear
-is kept only where it wins by MARGIN. More rows than MAX_ROWS (prefill) take the packed weight where it
-won at MAX_ROWS, else F.linear.
+weight shape is timed all three ways at each row bucket, and a layout other than F.linear is kept only
+where it wins by MARGIN; once some bucket packs the weight (its memory is spent), the packed layout
+takes every bucket where it is the fastest. The last bucket, PREFILL_ROWS, stands for every step of
+more than 64 rows (prefill chunks). Such steps once took the 64-row choice, which flipped between runs
+for some shapes: a linear left on F.linear cost a 512-row chunk ~25% of its time (CI VM, 512 rows:
+F.linear 130-157 GFLOP/s, packed 178-192).
 
 Fused groups (`SHARED_INPUT_NAMES`: q/k/v, gate/up): the members' weights are concatenated once (each
 member's weight becomes a view of the concatenation, no extra memory) and the first member called with
@@ -45,8 +48,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 Method = Literal["linear", "transposed", "packed"]
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-MAX_ROWS = ROW_BUCKETS[-1]
+PREFILL_ROWS = 256  # the bucket of every step above 64 rows (prefill chunks): timed at this many rows
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, PREFILL_ROWS)
 MARGIN = 0.85  # another layout is used where it takes at most this share of F.linear's time
 REPEATS = 3  # timed sweeps per layout and bucket (the fastest counts)
 STREAMED_ROWS = 8  # up to this many rows a product is timed over weights streamed from memory
@@ -87,7 +90,7 @@ def product(
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows == 0:
         return F.linear(x, weight, bias)
-    method = methods[_bucket(rows)] if rows <= MAX_ROWS else _large(methods)
+    method = methods[_bucket(rows)]
     if method == "linear":
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
@@ -153,12 +156,8 @@ class FusedGroup:
 
 
 def _bucket(rows: int) -> int:
-    return next(i for i, b in enumerate(ROW_BUCKETS) if rows <= b)
-
-
-def _large(methods: tuple[Method, ...]) -> Method:
-    """Rows above MAX_ROWS: the packed weight where it won at MAX_ROWS, else F.linear."""
-    return "packed" if methods[-1] == "packed" else "linear"
+    """The index of the smallest bucket of at least `rows` rows; the last one above it."""
+    return next((i for i, b in enumerate(ROW_BUCKETS) if rows <= b), len(ROW_BUCKETS) - 1)
 
 
 def calibrate(
@@ -258,6 +257,7 @@ def _measure(
     ]
     packed = [p for p in map(_pack, weights) if p is not None]
     choice: list[Method] = []
+    timings: list[dict[Method, float]] = []
     with torch.inference_mode():
         for rows in ROW_BUCKETS:
             x = torch.randn(rows, in_features, generator=gen).to(dtype)
@@ -270,6 +270,10 @@ def _measure(
                 times["packed"] = timer(_Sweep(_packed_product, [(p, x, None) for p in packed[:n]]))
             best = min(times, key=lambda m: times[m])
             choice.append(best if times[best] <= MARGIN * times["linear"] else "linear")
+            timings.append(times)
+    if "packed" in choice:  # its memory is spent: every bucket where it is the fastest takes it, no margin
+        fastest = [min(t, key=lambda m: t[m]) for t in timings]
+        choice = ["packed" if f == "packed" else c for c, f in zip(choice, fastest, strict=True)]
     return tuple(choice)
 
 

@@ -68,3 +68,48 @@ def test_real_measurement_is_cached_per_shape_and_skips_other_layers() -> None:
     cpu_linear.calibrate(nn.Sequential(nn.Linear(16, 16)))
     assert cpu_linear._choice.cache_info().hits == 1  # a later engine of the process reuses it
     assert model[0].transposed == model[1].transposed and type(model[2]) is nn.Embedding
+
+
+def packed_timer(packed_times: dict[int, float]):
+    """A timer that reports the packed layout at `packed_times[rows]` (default 0.9) of F.linear's 1.0 and
+    the transposed one slower than both."""
+
+    def timer(fn) -> float:
+        rows = fn().shape[0]
+        func = getattr(fn, "func", None)
+        if func is cpu_linear._packed_product:
+            return packed_times.get(rows, 0.9)
+        return 1.2 if func is cpu_linear._transposed_product else 1.0
+
+    return timer
+
+
+def test_once_packed_the_weight_takes_the_packed_layout_wherever_it_is_fastest() -> None:
+    model = nn.Sequential(nn.Linear(32, 48, bias=False))
+    # packed wins by the margin only at 8 rows, is slightly faster elsewhere but at 64 rows
+    cpu_linear.calibrate(model, timer=packed_timer({8: 0.5, 64: 1.1}))
+    expected = ["linear" if b == 64 else "packed" for b in ROW_BUCKETS]
+    assert list(model[0].methods) == expected and model[0].packed is not None
+
+
+def test_a_weight_packed_nowhere_by_the_margin_stays_on_f_linear() -> None:
+    model = nn.Sequential(nn.Linear(32, 48, bias=False))
+    cpu_linear.calibrate(model, timer=packed_timer({}))  # 0.9 everywhere: within the margin
+    assert set(model[0].methods) == {"linear"} and model[0].packed is None
+
+
+def test_steps_above_the_largest_bucket_take_the_prefill_buckets_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = nn.Sequential(nn.Linear(32, 48, bias=False))
+    cpu_linear.calibrate(model, timer=packed_timer({cpu_linear.PREFILL_ROWS: 0.5, 1: 1.5, 2: 1.5, 4: 1.5}))
+    assert model[0].methods[-1] == "packed" and model[0].methods[:3] == ("linear",) * 3
+    calls = []
+    real = cpu_linear._packed_product
+    monkeypatch.setattr(cpu_linear, "_packed_product", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    x = torch.randn(3 * cpu_linear.PREFILL_ROWS, 32)
+
+    torch.testing.assert_close(model(x), F.linear(x, model[0].weight), rtol=1e-5, atol=1e-5)
+    model(torch.randn(2, 32))
+
+    assert calls == [3 * cpu_linear.PREFILL_ROWS]  # the 2-row call took F.linear

@@ -104,7 +104,9 @@ def feature_kwargs(name: str, heads: int) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("name", sorted(FEATURES))
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 1, 16), (12, 2, 128), (6, 6, 32)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(8, 4, 64), (4, 1, 16), (12, 2, 128), (6, 6, 32), (2, 1, 80)]
+)
 @pytest.mark.parametrize("seed", range(3))
 def test_kernel_matches_the_dense_reference(
     kernels: CpuKernels, name: str, heads: int, kv_heads: int, dim: int, seed: int
