@@ -27,7 +27,7 @@ from alora_core.model.cuda_graphs import (
 )
 from alora_core.model.step_buffers import StepBuffers
 from tests.alora_core.conftest import TEST_DEVICE, PeftOracle, random_ids
-from tests.alora_core.test_engine_parity import GREEDY, assert_matches
+from tests.alora_core.test_engine_parity import GREEDY, assert_matches, assert_mixed_batch_matches
 
 CUDA = TEST_DEVICE == "cuda"
 
@@ -118,22 +118,9 @@ def test_graph_replay_equals_eager_on_the_engine(
     assert_matches(engine.generate("c", history, GREEDY), oracle, None, history)
     replays = runner.replays
     assert replays >= GREEDY.max_tokens - 1, "every decode step replays a graph"
-    history = engine.conversation_tokens("c")
-    rewrite_input = random_ids(19, seed=721)
-    handles = {
-        "certainty": engine.submit_intrinsic("certainty", "c", None, GREEDY),
-        "rewrite": engine.submit_intrinsic("rewrite", None, rewrite_input, GREEDY),
-        None: engine.submit_generate("other", random_ids(23, seed=722), GREEDY),
-    }
-    for adapter, handle in handles.items():
-        result = handle.result(timeout=600)
-        if adapter is None:
-            context = random_ids(23, seed=722)
-        elif adapter == "rewrite":
-            context = rewrite_input
-        else:
-            context = history + list(engine.adapters.get(adapter).spec.invocation_tokens or ())
-        assert_matches(result, oracle, adapter, context)
+    assert_mixed_batch_matches(
+        engine, oracle, "c", ("certainty",), random_ids(19, seed=721), random_ids(23, seed=722)
+    )
     assert runner.replays > replays
     assert any(k.has_lora for k in runner.graphs), "LoRA steps replay LoRA graphs"
     assert eager, "prefill chunks longer than 16 tokens run eager"

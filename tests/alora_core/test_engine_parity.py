@@ -26,6 +26,30 @@ def invocation(engine: Engine, name: str) -> list[int]:
     return list(engine.adapters.get(name).spec.invocation_tokens or ())
 
 
+def assert_mixed_batch_matches(
+    engine: Engine,
+    oracle: PeftOracle,
+    conversation: str,
+    alora: tuple[str, ...],
+    rewrite_input: list[int],
+    base_input: list[int],
+    timeout: float = 600,
+) -> None:
+    """The aLoRA intrinsics `alora` on `conversation`, the LoRA `rewrite` on `rewrite_input` and a base
+    turn of `base_input`, submitted together (they share steps): each equal to PEFT on its context."""
+    history = engine.conversation_tokens(conversation)
+    handles = [
+        (name, engine.submit_intrinsic(name, conversation, None, GREEDY), history + invocation(engine, name))
+        for name in alora
+    ]
+    handles.append(
+        ("rewrite", engine.submit_intrinsic("rewrite", None, rewrite_input, GREEDY), rewrite_input)
+    )
+    handles.append((None, engine.submit_generate("other", base_input, GREEDY), base_input))
+    for adapter, handle, context in handles:
+        assert_matches(handle.result(timeout=timeout), oracle, adapter, context)
+
+
 @pytest.mark.parametrize("length", [5, 16, 37, 64, 90])
 def test_base_generate_matches_transformers(engine: Engine, oracle: PeftOracle, length: int) -> None:
     context = random_ids(length, seed=length)

@@ -33,7 +33,7 @@ from alora_core import Engine, SamplingParams  # noqa: E402
 from alora_core.fixtures import DemoPaths  # noqa: E402
 from alora_core.model import attention  # noqa: E402
 from tests.alora_core.conftest import PeftOracle, random_ids  # noqa: E402
-from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
+from tests.alora_core.test_engine_parity import GREEDY, assert_matches, assert_mixed_batch_matches  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # max |kernel - reference| / max(1, max |reference|): the reference is float32 math on the same inputs
@@ -357,22 +357,14 @@ def test_engine_on_the_kernel_path_matches_peft(
     assert_matches(engine.intrinsic("certainty", "c", None, GREEDY), oracle, "certainty", history + certainty)
     assert launches, "the kernel was not used"
 
-    rewrite_input = random_ids(29, seed=701)
-    handles = {
-        "certainty": engine.submit_intrinsic("certainty", "c", None, GREEDY),
-        "answerability": engine.submit_intrinsic("answerability", "c", None, GREEDY),
-        "rewrite": engine.submit_intrinsic("rewrite", None, rewrite_input, GREEDY),
-        None: engine.submit_generate("other", random_ids(40, seed=702), GREEDY),
-    }
-    for adapter, handle in handles.items():
-        result = handle.result(timeout=600)
-        if adapter is None:
-            context = random_ids(40, seed=702)
-        elif adapter == "rewrite":
-            context = rewrite_input
-        else:
-            context = history + list(engine.adapters.get(adapter).spec.invocation_tokens or ())
-        assert_matches(result, oracle, adapter, context)
+    assert_mixed_batch_matches(
+        engine,
+        oracle,
+        "c",
+        ("certainty", "answerability"),
+        random_ids(29, seed=701),
+        random_ids(40, seed=702),
+    )
     layers = engine.loaded.shape.num_layers
     assert len(launches) == layers * len(steps), "every layer of every step attends on the kernel"
     assert max(steps) >= 3  # base, aLoRA forks and LoRA rows really shared steps

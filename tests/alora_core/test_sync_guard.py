@@ -22,7 +22,7 @@ CUDA = TEST_DEVICE == "cuda"
 
 from alora_core import Engine  # noqa: E402
 from alora_core import step as step_module  # noqa: E402
-from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
+from tests.alora_core.test_engine_parity import GREEDY, assert_matches, assert_mixed_batch_matches  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -108,22 +108,9 @@ def test_a_mixed_step_on_the_graph_safe_path_does_not_sync(
     engine = make_engine(max_num_seqs=8, max_num_batched_tokens=48, prefill_chunk_tokens=24)
     history = random_ids(21, seed=710)
     assert_matches(engine.generate("c", history, GREEDY), oracle, None, history)
-    history = engine.conversation_tokens("c")
-    rewrite_input = random_ids(19, seed=711)
-    handles = {
-        "certainty": engine.submit_intrinsic("certainty", "c", None, GREEDY),
-        "rewrite": engine.submit_intrinsic("rewrite", None, rewrite_input, GREEDY),
-        None: engine.submit_generate("other", random_ids(23, seed=712), GREEDY),
-    }
-    for adapter, handle in handles.items():
-        result = handle.result(timeout=600)
-        if adapter is None:
-            context = random_ids(23, seed=712)
-        elif adapter == "rewrite":
-            context = rewrite_input
-        else:
-            context = history + list(engine.adapters.get(adapter).spec.invocation_tokens or ())
-        assert_matches(result, oracle, adapter, context)
+    assert_mixed_batch_matches(
+        engine, oracle, "c", ("certainty",), random_ids(19, seed=711), random_ids(23, seed=712)
+    )
     assert guards
     calls = [call for guard in guards for call in guard.calls]
     assert calls == [], "host syncs in a step:\n" + "\n".join(f"{n} at {w}" for n, w in calls)

@@ -33,7 +33,7 @@ from alora_core.lora import layer, registry  # noqa: E402
 from alora_core.lora.layer import MaskedLoRALinear, install, warm_up_kernels  # noqa: E402
 from alora_core.lora.triton_ops import LoraStack, masked_lora_triton, token_blocks  # noqa: E402
 from tests.alora_core.conftest import PeftOracle, random_ids  # noqa: E402
-from tests.alora_core.test_engine_parity import GREEDY, assert_matches  # noqa: E402
+from tests.alora_core.test_engine_parity import assert_mixed_batch_matches  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # max |kernel - reference| / max(1, max |reference|): about two roundings of the output dtype
@@ -366,23 +366,15 @@ def test_engine_mixed_batch_on_the_kernel_path_matches_peft(
     )
     history = random_ids(21, seed=600)
     engine.generate("c", history, SamplingParams(max_tokens=2, ignore_eos=True))
-    history = engine.conversation_tokens("c")
-    rewrite_input = random_ids(13, seed=601)
-    handles = {
-        "certainty": engine.submit_intrinsic("certainty", "c", None, GREEDY),
-        "answerability": engine.submit_intrinsic("answerability", "c", None, GREEDY),
-        "rewrite": engine.submit_intrinsic("rewrite", None, rewrite_input, GREEDY),
-        None: engine.submit_generate("other", random_ids(9, seed=602), GREEDY),
-    }
-    for adapter, handle in handles.items():
-        result = handle.result(timeout=300)
-        if adapter is None:
-            context = random_ids(9, seed=602)
-        elif adapter == "rewrite":
-            context = rewrite_input
-        else:
-            context = history + list(engine.adapters.get(adapter).spec.invocation_tokens or ())
-        assert_matches(result, oracle, adapter, context)
+    assert_mixed_batch_matches(
+        engine,
+        oracle,
+        "c",
+        ("certainty", "answerability"),
+        random_ids(13, seed=601),
+        random_ids(9, seed=602),
+        timeout=300,
+    )
     assert 3 in launches  # q|k|v groups served together
     assert max(len(slots) for slots in adapters_per_step) >= 2  # adapters really shared forwards
 
