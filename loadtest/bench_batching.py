@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from alora_core import Engine, EngineConfig, SamplingParams
 from loadtest.bench_core import build_assets, crop, timed_generate
-from loadtest.common import finish, machine, print_checks
+from loadtest.common import finish, machine, print_checks, served_engine
 
 INTRINSICS = ("alora", "alora2", "alora3")  # three aLoRA intrinsics per fan-out
 FAN_OUT = ("alora", "alora2", "alora3", "alora4")
@@ -206,15 +206,15 @@ def main() -> None:
     parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_batching.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     model_dir, adapter_dirs = build_assets(args.assets)
     names = sorted({*INTRINSICS, *FAN_OUT})
     adapter_dirs = {name: adapter_dirs["alora"] for name in names}  # same weights, own slots and names
     dtype = getattr(torch, args.dtype)
-    engine = Engine.from_config(
+    engine = served_engine(
         EngineConfig(model=str(model_dir), device=args.device, dtype=args.dtype, max_num_batched_tokens=512),
         adapter_dirs,
+        args.threads,
     )
     convs = [f"agent{i}" for i in range(args.conversations)]
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from alora_core import Engine, EngineConfig, SamplingParams
 from alora_core.fixtures import AdapterRecipe, write_adapter, write_demo
-from loadtest.common import finish, machine, print_checks
+from loadtest.common import finish, machine, print_checks, served_engine
 
 INVOCATION = "<|start_of_role|>certainty confidence score<|end_of_role|>"  # 6 tokens with the bench tokenizer
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -168,12 +168,12 @@ def main() -> None:
     parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_core.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     model_dir, adapter_dirs = build_assets(args.assets)
-    engine = Engine.from_config(
+    engine = served_engine(
         EngineConfig(model=str(model_dir), device="cpu", dtype="float32", kv_cache_bytes=1 << 30),
         adapter_dirs,
+        args.threads,
     )
     invocation = list(engine.adapters.get("alora").spec.invocation_tokens or ())
     assert len(invocation) == 6, f"bench invocation should be 6 tokens, got {len(invocation)}"

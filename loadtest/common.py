@@ -8,6 +8,8 @@ from typing import Any, NoReturn
 
 import torch
 
+from alora_core import Engine, EngineConfig, threads
+
 
 def machine(threads: int | None = None, **extra: object) -> dict[str, object]:
     info: dict[str, object] = {
@@ -18,6 +20,15 @@ def machine(threads: int | None = None, **extra: object) -> dict[str, object]:
     if threads is not None:
         info["threads"] = threads
     return {**info, **extra}
+
+
+def served_engine(config: EngineConfig, adapters: dict[str, Path] | None = None, threads_: int = 2) -> Engine:
+    """The engine as the service runs it: the thread policy applied, then loaded on a short-lived thread,
+    so the scheduler's OpenMP team is the process's only one (alora_core/threads.py). An engine loaded
+    on the main thread leaves a second team there (the model probe and start-up timings run torch ops),
+    which made every forward pay OpenMP wake-ups: benchmarks measured a slower engine than users get."""
+    threads.configure(threads_, None)
+    return threads.run_on_short_lived_thread(lambda: Engine.from_config(config, adapters))
 
 
 def print_checks(checks: list[dict[str, Any]], digits: int = 3) -> None:

@@ -19,6 +19,7 @@ from tests.alora_core.conftest import PeftOracle
 
 KEY_A = "key-tenant-a"
 KEY_B = "key-tenant-b"
+KEY_C = "key-tenant-c"  # the HTTP API page's replay (tests/service/test_readme.py)
 MAX_MODEL_LEN = 512
 MAX_REQUEST_BYTES = 64 * 1024
 STARTUP_TIMEOUT_S = 180.0
@@ -107,7 +108,7 @@ def oracle(demo: DemoPaths) -> PeftOracle:
 
 
 def server_args(demo: DemoPaths) -> list[str]:
-    """The shared server's flags: two tenants (API keys), small request and model-length limits."""
+    """The shared server's flags: three tenants (API keys), small request and model-length limits."""
     return [
         "--model",
         str(demo.model),
@@ -117,6 +118,8 @@ def server_args(demo: DemoPaths) -> list[str]:
         KEY_A,
         "--api-key",
         KEY_B,
+        "--api-key",
+        KEY_C,
         "--max-model-len",
         str(MAX_MODEL_LEN),
         "--max-request-bytes",

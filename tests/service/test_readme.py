@@ -1,6 +1,6 @@
 """The documented demo responses are what the offline demo really returns: replay each curl call of
-the README's Quickstart and of docs/index.md (the walkthrough) against the test server (same demo
-model) and compare, timings aside. tests/ops/test_install.py replays the README's calls against
+the README's Quickstart, of docs/index.md (the walkthrough) and of docs/api.md (its JSON calls, errors
+included) against the test server (same demo model) and compare, timings aside. tests/ops/test_install.py replays the README's calls against
 freshly installed packages too."""
 
 import json
@@ -14,16 +14,17 @@ import httpx
 import pytest
 
 from alora_core.fixtures import DemoPaths
-from tests.service.conftest import KEY_A, KEY_B, ServerProcess, server_args
+from tests.service.conftest import KEY_A, KEY_B, KEY_C, ServerProcess, server_args
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = {"ttft_s", "total_s"}
-Call = tuple[str, str, dict[str, Any] | None, dict[str, Any]]
+Call = tuple[str, str, str | None, dict[str, Any]]
+NOT_PLAIN = {"-X", "-i", "-o", "-w", "-N", "-sN", "|", ";"}  # streams, status codes, headers, pipes
 
 
 def documented_calls(path: Path, section: str | None = None) -> list[Call]:
-    """(method, path, body, expected response) of every `$ curl` in a page's console blocks (of the
-    `## section` only, when given)."""
+    """(method, path, raw body, expected response) of every plain `$ curl` call (one JSON response
+    line) in a page's console blocks (of the `## section` only, when given)."""
     text = path.read_text()
     if section is not None:
         text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
@@ -31,8 +32,10 @@ def documented_calls(path: Path, section: str | None = None) -> list[Call]:
     for block in re.findall(r"```console\n(.*?)```", text, flags=re.S):
         for command, expected in re.findall(r"^\$ (curl .*)\n(.*)$", block, flags=re.M):
             args = shlex.split(command)
+            if any(a in NOT_PLAIN or a.endswith(";") for a in args) or not expected.startswith("{"):
+                continue
             url = next(a for a in args if a.startswith("localhost:8000"))
-            body = json.loads(args[args.index("-d") + 1]) if "-d" in args else None
+            body = args[args.index("-d") + 1] if "-d" in args else None
             calls.append(
                 (
                     "POST" if body is not None else "GET",
@@ -49,8 +52,13 @@ def front_page_calls() -> list[Call]:
     return documented_calls(ROOT / "README.md", "Quickstart")
 
 
-def without_timings(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in TIMINGS}
+def without_timings(body: Any) -> Any:
+    """The body without its timings, at any depth (a fan-out's results carry their own)."""
+    if isinstance(body, dict):
+        return {k: without_timings(v) for k, v in body.items() if k not in TIMINGS}
+    if isinstance(body, list):
+        return [without_timings(v) for v in body]
+    return body
 
 
 def as_documented(expected: dict[str, Any]) -> dict[str, Any]:
@@ -96,9 +104,15 @@ def client_b(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 def replay(client: httpx.Client, calls: list[Call]) -> None:
+    """Each call as curl sends it (the body as written, malformed or not); a documented error must come
+    back as a 4xx with that body, everything else as a 200."""
     for method, path, body, expected in calls:
-        response = client.request(method, path, json=body)
-        assert response.status_code == 200, (path, response.text)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        response = client.request(method, path, content=body, headers=headers)
+        if "error" in expected:
+            assert 400 <= response.status_code < 500, (path, response.text)
+        else:
+            assert response.status_code == 200, (path, response.text)
         assert without_timings(response.json()) == as_documented(expected), path
 
 
@@ -114,3 +128,19 @@ def test_getting_started_responses_are_real(client_b: httpx.Client) -> None:
     assert len(calls) >= 5  # a conversation, two intrinsics, the next turn, its state
     assert front_page_calls() == calls[:2]  # the README shows the walkthrough's beginning
     replay(client_b, calls)
+
+
+@pytest.fixture
+def client_c(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=fresh_server.url, headers={"Authorization": f"Bearer {KEY_C}"}, timeout=60
+    ) as c:
+        yield c
+
+
+def test_api_page_responses_are_real(client_c: httpx.Client) -> None:
+    """docs/api.md continues the walkthrough's conversation (demo-1): its tenant replays both pages."""
+    calls = documented_calls(ROOT / "docs" / "api.md")
+    assert len(calls) >= 10  # the intrinsic, fan-out and adapters calls, and the JSON errors
+    assert any("error" in expected for *_, expected in calls)
+    replay(client_c, documented_calls(ROOT / "docs" / "index.md") + calls)
