@@ -21,7 +21,7 @@ import pytest
 from tests.ops.conftest import ROOT
 from tests.ops.test_containers import copies, service_install
 from tests.service.conftest import ServerProcess
-from tests.service.test_readme import as_documented, front_page_calls, without_timings
+from tests.service.test_readme import front_page_calls, replay
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 INSTALL_TIMEOUT_S = 1800  # a cold pip cache on a slow link downloads a few hundred MB
@@ -121,10 +121,7 @@ def check_install(python: Path, tmp_path: Path) -> None:
         paths = {path for _, path, _, _ in calls}
         assert "/generate" in paths and any(p.startswith("/intrinsic/") for p in paths)
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
-            for method, path, body, expected in calls:
-                response = client.request(method, path, json=body)
-                assert response.status_code == 200, (path, response.text)
-                assert without_timings(response.json()) == as_documented(expected), path
+            replay(client, calls)
     finally:
         server.stop()
     assert "triton" not in server.log().lower()
