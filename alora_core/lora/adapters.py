@@ -7,6 +7,7 @@ Everything else that PEFT's LoraConfig can express but our masked-LoRA op does n
 than served approximately.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -52,6 +53,16 @@ class LoraWeights:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float
+
+    @functools.cached_property
+    def a_t(self) -> torch.Tensor:
+        """A^T [in, r], contiguous (made on first use): x @ A^T without a strided operand."""
+        return self.a.t().contiguous()
+
+    @functools.cached_property
+    def b_t(self) -> torch.Tensor:
+        """B^T [r, out], contiguous (made on first use)."""
+        return self.b.t().contiguous()
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,11 @@ class MaskedLoRALinear(nn.Module):
         if batch is None or batch.lora is None or not self.slots:
             return y
         y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        if batch.lora.single is not None:  # every row uses one adapter (a LoRA request, an aLoRA decoding)
+            w = self.slots.get(batch.lora.single)
+            if w is not None:
+                y2.addmm_(torch.mm(x2, w.a_t), w.b_t, alpha=w.scale)
+            return y
         slots = tuple(s for s in batch.lora.rows_by_slot if s in self.slots)
         if len(slots) > 1:  # several adapters: one bmm pair, unless the padding costs more than it saves
             rows = batch.lora.slot_rows(slots)

@@ -35,10 +35,10 @@ def masked_lora_reference(
         if w is None:
             continue
         if rows.numel() == x.shape[0]:  # every row uses this adapter: no gather / scatter
-            y.addmm_(x @ w.a.t(), w.b.t(), alpha=w.scale)
+            y.addmm_(torch.mm(x, w.a_t), w.b_t, alpha=w.scale)
             continue
         xs = x.index_select(0, rows)
-        y.index_add_(0, rows, (xs @ w.a.t()) @ w.b.t(), alpha=w.scale)
+        y.index_add_(0, rows, torch.mm(xs, w.a_t) @ w.b_t, alpha=w.scale)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class LoraBatch:
     derived: dict[tuple[int, ...], "SlotRows"] = field(default_factory=dict, compare=False, repr=False)
     # CUDA steps through StepBuffers: the kernels' blocks, grouped on the host and uploaded with the step
     blocks: TokenBlocks | None = None
+    single: int | None = None  # the slot, when every row of the step uses that one adapter
 
     @classmethod
     def from_index(cls, adapter_index: torch.Tensor) -> "LoraBatch | None":
@@ -82,7 +83,8 @@ class LoraBatch:
         if not slots:
             return None
         rows = {s: (adapter_index == s).nonzero().squeeze(1) for s in slots}
-        return cls(adapter_index=adapter_index, rows_by_slot=rows)
+        single = slots[0] if len(slots) == 1 and rows[slots[0]].numel() == adapter_index.numel() else None
+        return cls(adapter_index=adapter_index, rows_by_slot=rows, single=single)
 
     def slot_rows(self, slots: tuple[int, ...]) -> "SlotRows":
         """The rows of `slots` laid out [S, R] for one batched GEMM; built once a step per slot tuple."""

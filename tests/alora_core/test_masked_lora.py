@@ -138,3 +138,39 @@ def test_layer_serves_several_adapters_stacked_and_rebuilds_on_reload(
     del ws[0]
     torch.testing.assert_close(run(), _per_token(base(x).detach(), x, idx, ws), atol=1e-5, rtol=1e-5)
     assert len(stacked_calls) == 2  # one adapter left: the reference path
+
+
+def test_layer_takes_the_one_adapter_fast_path_only_when_every_row_uses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step whose every row uses one adapter (a LoRA request, an aLoRA decoding) skips the per-slot
+    loop; a step with base rows, or a slot this layer does not serve, still gets the per-token result."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.nn.Linear(6, 5)
+    ctx = ForwardContext()
+    layer = MaskedLoRALinear(base, ctx, use_kernel=False)
+    ws = {2: LoraWeights(torch.randn(4, 6, generator=gen), torch.randn(5, 4, generator=gen), 1.5)}
+    layer.set_slot(2, ws[2])
+    loops = []
+    monkeypatch.setattr(
+        layer_module, "masked_lora_reference", lambda *a: loops.append(1) or masked_lora_reference(*a)
+    )
+
+    def run(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        lora = LoraBatch.from_index(idx)
+        batch = StepBatch(idx, idx, idx, (), torch.empty(0), lora, idx)
+        with torch.no_grad(), ctx.bind(batch):
+            return layer(x)
+
+    for idx, loop in [
+        (torch.full((5,), 2), False),  # every row: fast path
+        (torch.tensor([2, 2, -1, 2]), True),  # a base row among them
+        (torch.full((3,), 7), False),  # one slot, not this layer's: base output only
+    ]:
+        x = torch.randn(len(idx), 6, generator=gen)
+        loops.clear()
+        assert (LoraBatch.from_index(idx).single is not None) == (len(set(idx.tolist())) == 1)  # type: ignore[union-attr]
+        torch.testing.assert_close(
+            run(idx, x), _per_token(base(x).detach(), x, idx, ws), atol=1e-5, rtol=1e-5
+        )
+        assert bool(loops) == loop
