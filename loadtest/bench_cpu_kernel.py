@@ -43,12 +43,15 @@ def build(source: Path, out: Path) -> CpuKernels:
 
 
 def baseline_source(revision: str, directory: Path) -> Path:
+    """The kernel source at `revision`, from the git checkout this script lives in."""
     path = SOURCES[0].relative_to(Path(__file__).resolve().parents[1])
-    text = subprocess.run(
-        ["git", "show", f"{revision}:{path}"], capture_output=True, text=True, check=True
-    ).stdout
+    shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(
+            f"cannot read {path} at {revision!r} (a git checkout is needed): {shown.stderr.strip()}"
+        )
     out = directory / "baseline.c"
-    out.write_text(text)
+    out.write_text(shown.stdout)
     return out
 
 
