@@ -16,7 +16,6 @@ change cites its rows (docs/cpu-performance.md).
 """
 
 import argparse
-import ctypes
 import statistics
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ import torch
 
 from alora_core.model import paged_attention_cpu
 from alora_core.model.batch import SeqSpan
-from alora_core.model.cpu_kernels import FLAGS, SOURCES, CpuKernels, find_compiler
+from alora_core.model.cpu_kernels import FLAGS, SOURCES, CpuKernels, find_compiler, load_library
 from loadtest.common import finish, machine
 
 SHAPES = ["6:2048", "6:8192", "64:8192", "512:2048", "512:8192"]
@@ -39,7 +38,7 @@ def build(source: Path, out: Path) -> CpuKernels:
     if compiler is None:
         raise SystemExit("no C compiler (set CC, or install gcc)")
     subprocess.run([compiler, *FLAGS, "-o", str(out), str(source), "-lm"], check=True)
-    return CpuKernels(ctypes.CDLL(str(out)), out, 0.0)
+    return load_library(out)
 
 
 def baseline_source(revision: str, directory: Path) -> Path:

@@ -177,7 +177,13 @@ def _build(compiler: str) -> CpuKernels:
         finally:
             partial.unlink(missing_ok=True)
         compile_s = time.perf_counter() - t0
-    library = ctypes.CDLL(str(target))
+    log.info("CPU kernels: %s (%s)", target.name, f"compiled in {compile_s:.1f} s" if compile_s else "cached")
+    return load_library(target, compile_s)
+
+
+def load_library(path: Path, compile_s: float = 0.0) -> CpuKernels:
+    """The compiled kernels at `path`, their C signatures declared."""
+    library = ctypes.CDLL(str(path))
     library.paged_attention.argtypes = [ctypes.POINTER(PagedArgs)]
     library.paged_attention.restype = ctypes.c_int
     library.bind_threads.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
@@ -187,8 +193,7 @@ def _build(compiler: str) -> CpuKernels:
     library.rms_norm.restype = None
     library.silu_mul.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64]
     library.silu_mul.restype = None
-    log.info("CPU kernels: %s (%s)", target.name, f"compiled in {compile_s:.1f} s" if compile_s else "cached")
-    return CpuKernels(library, target, compile_s)
+    return CpuKernels(library, path, compile_s)
 
 
 def _cache_dir() -> Path:

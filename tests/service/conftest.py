@@ -137,7 +137,7 @@ def server(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     proc.stop()
 
 
-def _client(server: ServerProcess, key: str | None) -> httpx.Client:
+def tenant_client(server: ServerProcess, key: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=server.url, headers=headers, timeout=60.0)
 
@@ -145,19 +145,19 @@ def _client(server: ServerProcess, key: str | None) -> httpx.Client:
 @pytest.fixture
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     """Tenant A."""
-    with _client(server, KEY_A) as c:
+    with tenant_client(server, KEY_A) as c:
         yield c
 
 
 @pytest.fixture
 def client_b(server: ServerProcess) -> Iterator[httpx.Client]:
-    with _client(server, KEY_B) as c:
+    with tenant_client(server, KEY_B) as c:
         yield c
 
 
 @pytest.fixture
 def anonymous(server: ServerProcess) -> Iterator[httpx.Client]:
-    with _client(server, None) as c:
+    with tenant_client(server, None) as c:
         yield c
 
 

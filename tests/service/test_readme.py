@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from alora_core.fixtures import DemoPaths
-from tests.service.conftest import KEY_A, KEY_B, KEY_C, ServerProcess, server_args
+from tests.service.conftest import KEY_A, KEY_B, KEY_C, ServerProcess, server_args, tenant_client
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = {"ttft_s", "total_s"}
@@ -89,17 +89,13 @@ def fresh_server(demo: DemoPaths, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture
 def client(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=fresh_server.url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60
-    ) as c:
+    with tenant_client(fresh_server, KEY_A) as c:
         yield c
 
 
 @pytest.fixture
 def client_b(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=fresh_server.url, headers={"Authorization": f"Bearer {KEY_B}"}, timeout=60
-    ) as c:
+    with tenant_client(fresh_server, KEY_B) as c:
         yield c
 
 
@@ -132,9 +128,7 @@ def test_getting_started_responses_are_real(client_b: httpx.Client) -> None:
 
 @pytest.fixture
 def client_c(fresh_server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=fresh_server.url, headers={"Authorization": f"Bearer {KEY_C}"}, timeout=60
-    ) as c:
+    with tenant_client(fresh_server, KEY_C) as c:
         yield c
 
 

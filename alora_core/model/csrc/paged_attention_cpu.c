@@ -89,6 +89,17 @@ static inline float hmax(vf x) {
     return x[0];
 }
 
+/* e^r for |r| <= ln(2) / 2 (Cephes expf's polynomial): the part of e^x left after range reduction. */
+static inline vf exp_reduced(vf r) {
+    vf y = splat(1.9875691500e-4f);
+    y = y * r + splat(1.3981999507e-3f);
+    y = y * r + splat(8.3334519073e-3f);
+    y = y * r + splat(4.1665795894e-2f);
+    y = y * r + splat(1.6666665459e-1f);
+    y = y * r + splat(5.0000001201e-1f);
+    return y * r * r + r + splat(1.f);
+}
+
 /* e^x per lane (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1e-7 relative error);
  * lanes below -87 (masked keys: -inf) give exactly 0. */
 static inline vf vexp(vf x) {
@@ -101,13 +112,7 @@ static inline vf vexp(vf x) {
     n -= (vi)(nf > fx) & (vi){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};  /* floor */
     nf = __builtin_convertvector(n, vf);
     x = x - nf * splat(0.693359375f) + nf * splat(2.12194440e-4f);
-    vf y = splat(1.9875691500e-4f);
-    y = y * x + splat(1.3981999507e-3f);
-    y = y * x + splat(8.3334519073e-3f);
-    y = y * x + splat(4.1665795894e-2f);
-    y = y * x + splat(1.6666665459e-1f);
-    y = y * x + splat(5.0000001201e-1f);
-    y = y * x * x + x + splat(1.f);
+    const vf y = exp_reduced(x);
     vi bits = (n + (vi){127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127, 127}) << 23;
     return blend(underflow, splat(0.f), y * (vf)bits);
 }
@@ -123,15 +128,7 @@ static inline vf vexp_softmax(vf x) {
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xm);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    const vf rv = (vf)r;
-    vf y = splat(1.9875691500e-4f);
-    y = y * rv + splat(1.3981999507e-3f);
-    y = y * rv + splat(8.3334519073e-3f);
-    y = y * rv + splat(4.1665795894e-2f);
-    y = y * rv + splat(1.6666665459e-1f);
-    y = y * rv + splat(5.0000001201e-1f);
-    y = y * rv * rv + rv + splat(1.f);
-    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)y, n);
+    return (vf)_mm512_maskz_scalef_ps(keep, (__m512)exp_reduced((vf)r), n);
 }
 #else
 #define vexp_softmax vexp
