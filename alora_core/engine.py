@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from alora_core.context import activation_start, validate
+from alora_core.context import activation_start, invalid_token_ids, validate
 from alora_core.errors import (
     CacheUnavailableError,
     ConversationBusyError,
@@ -535,6 +535,13 @@ class Engine:
                 f"conversation {conversation_id!r} is not cached on this replica and the Redis node "
                 "holding it does not answer; retry shortly"
             ) from exc
+        if meta is not None and (bad := invalid_token_ids(meta.token_ids, self.loaded.shape.vocab_size)):
+            log.warning(  # requests skip checking a conversation's history: it is checked here, once
+                "conversation %r in Redis holds token ids outside this model's vocabulary (%s): not resumed",
+                conversation_id,
+                bad[:8],
+            )
+            meta = None
         if meta is not None and self.remote is not None:
             with self.scheduler.state_lock:
                 if conversation_id not in self.conversations:

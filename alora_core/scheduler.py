@@ -294,12 +294,14 @@ class Scheduler:
         h = self.handle
         if r.input_ids is not None:
             context = list(r.input_ids)
+            checked = len(context)  # by the engine, at submission
         else:
             assert conv is not None and r.adapter is not None
             if not conv.token_ids:
                 raise InvalidRequestError(f"conversation {r.conversation_id!r} is empty: nothing to run on")
+            checked = len(conv.token_ids)
             context = conv.token_ids + list(r.adapter.spec.invocation_tokens or ())
-        validate(context, r.params, h.vocab_size, h.max_model_len, self.pool)
+        validate(context, r.params, h.vocab_size, h.max_model_len, self.pool, checked)
         start, key = NO_ACTIVATION, None
         if r.adapter is not None:
             spec = r.adapter.spec

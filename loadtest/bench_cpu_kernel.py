@@ -33,11 +33,13 @@ SHAPES = ["6:2048", "6:8192", "64:8192", "512:2048", "512:8192"]
 HEADS, KV_HEADS, DIM = 8, 4, 64
 
 
-def build(source: Path, out: Path) -> CpuKernels:
+def build(attention_source: Path, out: Path) -> CpuKernels:
+    """The kernel library with `attention_source` for csrc/paged_attention_cpu.c (the tree's other sources)."""
     compiler = find_compiler()
     if compiler is None:
         raise SystemExit("no C compiler (set CC, or install gcc)")
-    subprocess.run([compiler, *FLAGS, "-o", str(out), str(source), "-lm"], check=True)
+    sources = [attention_source, *SOURCES[1:]]
+    subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, sources), "-lm"], check=True)
     return load_library(out)
 
 

@@ -4,8 +4,9 @@
     y[t] += s_a B_a A_a x[t]          for every row t whose adapter slot a = idx[t] >= 0
 
 The slot of each row comes from the step's LoraBatch in the shared ForwardContext, so one forward
-serves base, LoRA and aLoRA rows together. On CPU the delta is the torch reference (ops.py). On
-CUDA (decided once, when the wrapper is built) the wrappers of one attention or MLP block that read
+serves base, LoRA and aLoRA rows together. On CPU the delta of a float32 step of up to
+KERNEL_MAX_ROWS rows is one call of the C kernel (ops.masked_lora_kernel), other steps take the torch
+ops (ops.py: one adapter's rows in one addmm, several adapters in one bmm pair). On CUDA (decided once, when the wrapper is built) the wrappers of one attention or MLP block that read
 the same x form a `SharedInputGroup`: the first of them called runs every member's base layer and
 one fused Triton shrink + expand for all of them (triton_ops.py); the others return their output
 when the model calls them with that same x.
@@ -21,7 +22,13 @@ import torch
 from torch import nn
 
 from alora_core.lora.adapters import LoraWeights
-from alora_core.lora.ops import StackedLora, masked_lora_reference, masked_lora_stacked
+from alora_core.lora.ops import (
+    KernelTable,
+    StackedLora,
+    masked_lora_kernel,
+    masked_lora_reference,
+    masked_lora_stacked,
+)
 from alora_core.model.batch import ForwardContext, LoraBatch
 from alora_core.model.cpu_linear import SHARED_INPUT_NAMES
 from alora_core.model.triton_check import triton_imports
@@ -31,6 +38,9 @@ log = logging.getLogger(__name__)
 # Torch path: padded rows the stacked LoRA may compute per adapter it saves the separate ops of. On
 # the bench model a padded row costs ~1 us of GEMM, one adapter's gather/shrink/expand/scatter ~15 us.
 MAX_PADDING_PER_SLOT = 16
+# CPU kernel: steps of up to this many rows (decode, invocations, fan-outs); longer ones (a LoRA
+# request's prefill chunk) are GEMM-sized, where MKL's addmm / bmm is the better kernel.
+KERNEL_MAX_ROWS = 64
 
 
 def lora_kernel_available(device: torch.device) -> bool:
@@ -49,6 +59,7 @@ class MaskedLoRALinear(nn.Module):
         self.use_kernel = lora_kernel_available(device) if use_kernel is None else use_kernel
         self.group: SharedInputGroup | None = None  # set by install() on the kernel path
         self._stacks: dict[tuple[int, ...], StackedLora] = {}  # torch path: slot set -> stacked weights
+        self._table: KernelTable | None = None  # the CPU kernel's view of `slots`, where it serves them
 
     @property
     def in_features(self) -> int:
@@ -64,13 +75,13 @@ class MaskedLoRALinear(nn.Module):
             device = self.base_layer.weight.device
             weights = LoraWeights(weights.a.to(device), weights.b.to(device), weights.scale)
         self.slots[slot] = weights
-        self._stacks.clear()
+        self._slots_changed()
         if self.group is not None:
             self.group.stack.put(slot, self.group.index(self), weights)
 
     def clear_slot(self, slot: int) -> None:
         self.slots.pop(slot, None)
-        self._stacks.clear()
+        self._slots_changed()
         if self.group is not None:
             self.group.stack.drop(slot, self.group.index(self))
 
@@ -82,6 +93,10 @@ class MaskedLoRALinear(nn.Module):
         if batch is None or batch.lora is None or not self.slots:
             return y
         y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        kernels = batch.cpu_kernels
+        if kernels is not None and x2.shape[0] <= KERNEL_MAX_ROWS and self._kernel_serves(x2, y2):
+            masked_lora_kernel(kernels, y2, x2, batch.lora.adapter_index, self._table)  # type: ignore[arg-type]
+            return y
         if batch.lora.single is not None:  # every row uses one adapter (a LoRA request, an aLoRA decoding)
             w = self.slots.get(batch.lora.single)
             if w is not None:
@@ -95,6 +110,21 @@ class MaskedLoRALinear(nn.Module):
                 return y
         masked_lora_reference(y2, x2, batch.lora.rows_by_slot, self.slots)
         return y
+
+    def _slots_changed(self) -> None:
+        self._stacks.clear()
+        self._table = KernelTable(self.slots) if KernelTable.serves(self.slots) else None
+
+    def _kernel_serves(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        index = self.ctx.batch.lora.adapter_index  # type: ignore[union-attr]
+        return (
+            self._table is not None
+            and x.dtype == torch.float32
+            and x.stride(1) == 1
+            and y.stride(1) == 1
+            and index.dtype == torch.int64
+            and index.is_contiguous()
+        )
 
     def _stack(self, slots: tuple[int, ...]) -> StackedLora:
         weights = tuple(self.slots[s] for s in slots)

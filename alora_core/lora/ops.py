@@ -7,15 +7,19 @@
 Tokens with idx = -1 (base requests, aLoRA tokens before their activation start) are untouched.
 This torch reference groups rows by adapter (rows are precomputed once per step in LoraBatch).
 With several adapters in a step, `masked_lora_stacked` computes the same for all of them in one bmm
-pair (weights stacked once per slot set), instead of four small ops per adapter.
+pair (weights stacked once per slot set), instead of four small ops per adapter. With the CPU kernels
+(model/cpu_kernels.py), float32 steps of up to KERNEL_MAX_ROWS rows take `masked_lora_kernel`: one
+C call per layer, whatever the mix of adapters.
 """
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 
 from alora_core.lora.adapters import LoraWeights
 from alora_core.model.batch import SlotRows
+from alora_core.model.cpu_kernels import MASKED_LORA_MAX_RANK, CpuKernels, LoraArgs
 
 
 def masked_lora_reference(
@@ -69,3 +73,51 @@ def masked_lora_stacked(y: torch.Tensor, x: torch.Tensor, rows: SlotRows, stack:
     if rows.real is not None:
         delta = delta.index_select(0, rows.real)
     y.index_add_(0, rows.rows, delta)
+
+
+class KernelTable:
+    """One layer's adapter slots as the CPU kernel reads them (csrc/masked_lora_cpu.c): per slot number,
+    A^T, B^T, rank and scale; slots the layer has no weights for stay empty. Built when the layer's slots
+    change; holds the weights it points to."""
+
+    def __init__(self, weights: dict[int, LoraWeights]) -> None:
+        n = max(weights) + 1
+        self.weights = tuple(weights.values())  # keeps every pointer below alive
+        self.a_t = (ctypes.c_void_p * n)()
+        self.b_t = (ctypes.c_void_p * n)()
+        self.rank = (ctypes.c_int64 * n)()
+        self.scale = (ctypes.c_float * n)()
+        for slot, w in weights.items():
+            self.a_t[slot], self.b_t[slot] = w.a_t.data_ptr(), w.b_t.data_ptr()
+            self.rank[slot], self.scale[slot] = w.a.shape[0], w.scale
+        first = next(iter(weights.values()))
+        self.args = LoraArgs(
+            in_features=first.a.shape[1],
+            out_features=first.b.shape[0],
+            num_slots=n,
+            a_t=self.a_t,
+            b_t=self.b_t,
+            rank=self.rank,
+            scale=self.scale,
+        )
+
+    @staticmethod
+    def serves(weights: dict[int, LoraWeights]) -> bool:
+        """float32 CPU weights of ranks the kernel takes."""
+        return bool(weights) and all(
+            w.a.dtype == torch.float32 and w.a.device.type == "cpu" and w.a.shape[0] <= MASKED_LORA_MAX_RANK
+            for w in weights.values()
+        )
+
+
+def masked_lora_kernel(
+    kernels: CpuKernels, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, table: KernelTable
+) -> None:
+    """`masked_lora_reference` by the CPU kernel: y [T, out], x [T, in] float32 with unit column stride
+    (y may be a column view of a fused product); index [T] int64 contiguous, the step's adapter slots."""
+    args = table.args
+    args.x, args.x_stride = x.data_ptr(), x.stride(0)
+    args.y, args.y_stride = y.data_ptr(), y.stride(0)
+    args.rows, args.index = x.shape[0], index.data_ptr()
+    args.threads = torch.get_num_threads()
+    kernels.masked_lora(args)

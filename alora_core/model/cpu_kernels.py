@@ -25,9 +25,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (
+SOURCES = (  # + rms_norm, silu_mul (fused_cpu.py), bind_threads (alora_core/threads.py)
     Path(__file__).parent / "csrc" / "paged_attention_cpu.c",
-)  # + bind_threads (alora_core/threads.py)
+    Path(__file__).parent / "csrc" / "masked_lora_cpu.c",  # the LoRA delta (lora/ops.py)
+)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math")
 COMPILE_TIMEOUT_S = 120.0
 ENV_SWITCH = "ALORA_CPU_KERNELS"  # "0": never compile or load the kernels
@@ -65,6 +66,30 @@ class PagedArgs(ctypes.Structure):
     ]
 
 
+class LoraArgs(ctypes.Structure):
+    """Mirror of `LoraArgs` in csrc/masked_lora_cpu.c (field for field)."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("x_stride", ctypes.c_int64),
+        ("y", ctypes.c_void_p),
+        ("y_stride", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("out_features", ctypes.c_int64),
+        ("index", ctypes.c_void_p),
+        ("num_slots", ctypes.c_int64),
+        ("a_t", ctypes.POINTER(ctypes.c_void_p)),
+        ("b_t", ctypes.POINTER(ctypes.c_void_p)),
+        ("rank", ctypes.POINTER(ctypes.c_int64)),
+        ("scale", ctypes.POINTER(ctypes.c_float)),
+        ("threads", ctypes.c_int64),
+    ]
+
+
+MASKED_LORA_MAX_RANK = 256  # as in csrc/masked_lora_cpu.c
+
+
 @dataclass(frozen=True)
 class CpuKernels:
     """The loaded kernel library."""
@@ -76,6 +101,9 @@ class CpuKernels:
     def paged_attention(self, args: PagedArgs) -> None:
         if self.library.paged_attention(ctypes.byref(args)):
             raise MemoryError("paged_attention: scratch allocation failed")
+
+    def masked_lora(self, args: LoraArgs) -> None:
+        self.library.masked_lora(ctypes.byref(args))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., D] (float32, unit stride in D, rows at a fixed stride) -> RMS-normalized x * weight."""
@@ -189,6 +217,8 @@ def load_library(path: Path, compile_s: float = 0.0) -> CpuKernels:
     library.bind_threads.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
     library.bind_threads.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.masked_lora.argtypes = [ctypes.POINTER(LoraArgs)]
+    library.masked_lora.restype = None
     library.rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, i64]
     library.rms_norm.restype = None
     library.silu_mul.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64]

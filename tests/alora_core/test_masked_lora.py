@@ -1,4 +1,5 @@
-"""The masked-LoRA op against its per-token definition: y[t] += s[a] * B[a] @ (A[a] @ x[t]) where a = idx[t] >= 0."""
+"""The masked-LoRA op against its per-token definition: y[t] += s[a] * B[a] @ (A[a] @ x[t]) where a = idx[t] >= 0:
+the torch paths (reference, stacked, one adapter) and the CPU kernel (csrc/masked_lora_cpu.c)."""
 
 import pytest
 import torch
@@ -6,8 +7,16 @@ import torch
 from alora_core.lora import layer as layer_module
 from alora_core.lora.adapters import LoraWeights
 from alora_core.lora.layer import MaskedLoRALinear
-from alora_core.lora.ops import StackedLora, masked_lora_reference, masked_lora_stacked
+from alora_core.lora.ops import (
+    KernelTable,
+    StackedLora,
+    masked_lora_kernel,
+    masked_lora_reference,
+    masked_lora_stacked,
+)
+from alora_core.model import cpu_kernels
 from alora_core.model.batch import ForwardContext, LoraBatch, StepBatch
+from alora_core.model.cpu_kernels import MASKED_LORA_MAX_RANK, CpuKernels
 
 
 def test_masked_lora_matches_per_token_definition() -> None:
@@ -174,3 +183,117 @@ def test_layer_takes_the_one_adapter_fast_path_only_when_every_row_uses_it(
             run(idx, x), _per_token(base(x).detach(), x, idx, ws), atol=1e-5, rtol=1e-5
         )
         assert bool(loops) == loop
+
+
+@pytest.fixture(scope="module")
+def kernels() -> CpuKernels:
+    loaded = cpu_kernels.load()
+    assert loaded is not None, "the CPU kernels must build on the test machine (a C compiler is installed)"
+    return loaded
+
+
+@pytest.mark.parametrize(
+    ("d_in", "d_out", "ranks", "rows"),
+    [
+        (12, 9, (4, 8, 17), 23),  # nothing a multiple of the vector width
+        (64, 70, (16, 32, 1), 5),  # an output past one block of 64 columns
+        (512, 512, (32, 32, 32, 32), 4),  # a fan-out decode step of the bench model
+        (40, 33, (MASKED_LORA_MAX_RANK, 3), 64),  # the largest rank the kernel takes; KERNEL_MAX_ROWS rows
+        (16, 8, (2,), 1),  # one row: the calling thread
+    ],
+)
+def test_cpu_kernel_matches_per_token_definition(
+    kernels: CpuKernels, d_in: int, d_out: int, ranks: tuple[int, ...], rows: int
+) -> None:
+    """The C kernel on every row of every slot; base rows (-1), a slot the layer lacks (one past its
+    last) and a slot beyond its table untouched. x with a row stride, y a column view of a wider output
+    (a fused q/k/v product)."""
+    gen = torch.Generator().manual_seed(d_in + rows)
+    weights = {
+        2 * i: LoraWeights(
+            torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen), 0.25 + i
+        )
+        for i, r in enumerate(ranks)
+    }
+    slots = [*weights, 1, -1, 2 * len(ranks), 1000]
+    idx = torch.tensor([slots[i % len(slots)] for i in range(rows)])[torch.randperm(rows, generator=gen)]
+    x = torch.randn(rows, d_in + 3, generator=gen)[:, 2 : 2 + d_in]
+    wide = torch.randn(rows, d_out + 7, generator=gen)
+    y = wide[:, 5 : 5 + d_out]
+    as_double = {s: LoraWeights(w.a.double(), w.b.double(), w.scale) for s, w in weights.items()}
+    expected = _per_token(y.double(), x.double(), idx, as_double)  # the oracle in float64
+    outside = wide.clone()
+    masked_lora_kernel(kernels, y, x, idx, KernelTable(weights))
+    torch.testing.assert_close(y.double(), expected, atol=2e-6 * float(expected.abs().max()), rtol=1e-5)
+    untouched = ~torch.isin(idx, torch.tensor(list(weights)))
+    assert torch.equal(y[untouched], outside[:, 5 : 5 + d_out][untouched])
+    assert torch.equal(wide[:, :5], outside[:, :5]) and torch.equal(
+        wide[:, 5 + d_out :], outside[:, 5 + d_out :]
+    )
+
+
+def test_cpu_kernel_rows_do_not_depend_on_the_rest_of_the_step(kernels: CpuKernels) -> None:
+    """Batch invariance: a row's delta is the same bits alone and among others (threads split rows)."""
+    gen = torch.Generator().manual_seed(9)
+    weights = {
+        s: LoraWeights(torch.randn(8, 48, generator=gen), torch.randn(40, 8, generator=gen), 2.0)
+        for s in range(3)
+    }
+    table = KernelTable(weights)
+    idx = torch.tensor([0, 1, -1, 2, 2, 0, 1])
+    x = torch.randn(len(idx), 48, generator=gen)
+    together = torch.zeros(len(idx), 40)
+    masked_lora_kernel(kernels, together, x, idx, table)
+    for r in range(len(idx)):
+        alone = torch.zeros(1, 40)
+        masked_lora_kernel(kernels, alone, x[r : r + 1], idx[r : r + 1], table)
+        assert torch.equal(alone[0], together[r])
+
+
+def test_layer_takes_the_cpu_kernel_for_short_float32_steps(
+    kernels: CpuKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the kernels bound to the step, a float32 step of up to KERNEL_MAX_ROWS rows is one kernel call
+    (any mix of adapters); longer steps, bfloat16 layers and ranks past the kernel's take torch."""
+    gen = torch.Generator().manual_seed(10)
+    calls = []
+    monkeypatch.setattr(
+        layer_module, "masked_lora_kernel", lambda *a: calls.append(1) or masked_lora_kernel(*a)
+    )
+
+    def check(dtype: torch.dtype, rank: int, rows: int, kernel: bool) -> None:
+        base = torch.nn.Linear(16, 24, dtype=dtype)
+        ctx = ForwardContext()
+        layer = MaskedLoRALinear(base, ctx, use_kernel=False)
+        ws = {
+            s: LoraWeights(
+                torch.randn(rank, 16, generator=gen).to(dtype),
+                torch.randn(24, rank, generator=gen).to(dtype),
+                0.5,
+            )
+            for s in (0, 1)
+        }
+        for s, w in ws.items():
+            layer.set_slot(s, w)
+        idx = torch.tensor([0, 1, -1])[torch.arange(rows) % 3]
+        x = torch.randn(rows, 16, generator=gen).to(dtype)
+        lora = LoraBatch.from_index(idx)
+        batch = StepBatch(idx, idx, idx, (), torch.empty(0), lora, idx, cpu_kernels=kernels)
+        calls.clear()
+        with torch.no_grad(), ctx.bind(batch):
+            y = layer(x)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        expected = _per_token(
+            base(x).detach().float(),
+            x.float(),
+            idx,
+            {s: LoraWeights(w.a.float(), w.b.float(), w.scale) for s, w in ws.items()},
+        )
+        torch.testing.assert_close(y.float(), expected, atol=tol, rtol=tol)
+        assert bool(calls) == kernel
+
+    check(torch.float32, 8, 7, kernel=True)
+    check(torch.float32, 8, layer_module.KERNEL_MAX_ROWS, kernel=True)
+    check(torch.float32, 8, layer_module.KERNEL_MAX_ROWS + 1, kernel=False)
+    check(torch.float32, MASKED_LORA_MAX_RANK + 1, 5, kernel=False)
+    check(torch.bfloat16, 8, 5, kernel=False)

@@ -2,6 +2,7 @@
 entries, budgets under churn. Never a wrong answer: every output is compared with an engine whose
 caches never leave the device (or a fresh recompute)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from alora_core import Engine, SamplingParams
 from alora_core.errors import UnknownConversationError
 from alora_core.fixtures import DemoPaths
+from alora_core.kvcache.codec import encode_meta
 from alora_core.kvcache.redis_tier import RedisTier
 from tests.alora_core.conftest import TEST_DEVICE, random_ids
 from tests.alora_core.redis_server import RedisServer, free_port, redis_binary
@@ -229,6 +231,29 @@ def test_damaged_entries_are_discarded_and_recomputed(
     assert result.token_ids == expected.token_ids
     torch.testing.assert_close(result.logits, expected.logits, atol=1e-5, rtol=0)
     assert result.usage.cached_tokens == other_meta.cached_tokens
+
+
+def test_a_history_outside_the_vocabulary_is_not_resumed(
+    make_engine: Callable[..., Engine], redis_server: RedisServer
+) -> None:
+    """Requests on a conversation do not recheck its history (checked once, when it enters), so one
+    resumed from Redis is checked when it is: metadata whose token ids this model cannot embed (well
+    formed, right fingerprint) leaves the conversation unknown, never a failed step."""
+    writer = make_engine(redis_url=redis_server.url, **REDIS_ONLY)
+    writer.generate("t1:c", random_ids(40, seed=3), SamplingParams(max_tokens=2, ignore_eos=True))
+    flush(writer)
+    tier, client = redis_tier(writer), redis_server.client()
+    meta = tier.lookup("t1:c")
+    assert meta is not None
+    vocab = writer.loaded.shape.vocab_size
+    bad = dataclasses.replace(meta, token_ids=[*meta.token_ids[:-1], vocab])
+    client.set(tier.meta_key("t1:c"), encode_meta(tier.layout, tier.blocks_per_value, bad))
+
+    reader = make_engine(redis_url=redis_server.url, **REDIS_ONLY)
+    with pytest.raises(UnknownConversationError):
+        reader.intrinsic("certainty", "t1:c", None, PARAMS)
+    with pytest.raises(UnknownConversationError):
+        reader.conversation("t1:c")
 
 
 def test_hundreds_of_conversations_stay_within_budgets(

@@ -101,12 +101,16 @@ def check_install(python: Path, tmp_path: Path) -> None:
             python,
             "-c",
             "import importlib.util, service, alora_core; "
-            "print(service.__file__); print(importlib.util.find_spec('triton') is None)",
+            "from alora_core.model import cpu_kernels; "
+            "print(service.__file__); print(importlib.util.find_spec('triton') is None); "
+            "print(all(s.is_file() for s in cpu_kernels.SOURCES)); print(cpu_kernels.load() is not None)",
         ],
         cwd=tmp_path,
     ).split()
     assert probe[0].startswith(str(bin_dir.parent)), probe  # the installed copy, not the checkout
     assert probe[1] == "True", "a plain install has no triton (only the test extra and CUDA torch bring it)"
+    # the CPU kernels' sources ship in the package and build there (a compiler is on this machine)
+    assert probe[2:] == ["True", "True"], probe
     assert not installed_test_tools(python, tmp_path)
 
     server = ServerProcess(
