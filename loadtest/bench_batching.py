@@ -187,9 +187,22 @@ def fan_out(engine: Engine, n: int, repeats: int) -> dict:
             h.result()
         return time.perf_counter() - t0
 
-    one = statistics.median(single() for _ in range(repeats))
-    many = statistics.median(four() for _ in range(repeats))
-    return {"n": n, "single_s": one, "fan_out_4_s": many, "ratio": many / one}
+    # interleaved, the order flipped every repeat: this VM drifts by 10-30% within minutes, so back-to-back
+    # blocks of each (as this measured before) compared different machine states
+    ones: list[float] = []
+    manys: list[float] = []
+    for i in range(repeats):
+        for run in (single, four) if i % 2 == 0 else (four, single):
+            (ones if run is single else manys).append(run())
+    one, many = statistics.median(ones), statistics.median(manys)
+    return {
+        "n": n,
+        "single_s": one,
+        "fan_out_4_s": many,
+        "ratio": many / one,
+        "single_runs_s": ones,
+        "fan_out_4_runs_s": manys,
+    }
 
 
 def main() -> None:
@@ -226,7 +239,7 @@ def main() -> None:
     print("batch1 done", file=sys.stderr, flush=True)
     results["batched"] = run_engine(engine, convs, 64)
     print("batched done", file=sys.stderr, flush=True)
-    fan = fan_out(engine, args.fan_out_history, repeats=3)
+    fan = fan_out(engine, args.fan_out_history, repeats=7)
     print("fan-out done", file=sys.stderr, flush=True)
     engine.close()
 

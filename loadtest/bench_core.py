@@ -93,7 +93,9 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def ours(engine: Engine, n: int, decode_tokens: int, repeats: int, measure_decode: bool) -> dict[str, float]:
+def ours(
+    engine: Engine, n: int, decode_tokens: int, repeats: int, decode_repeats: int, measure_decode: bool
+) -> dict[str, float]:
     g = torch.Generator().manual_seed(n)
     history = torch.randint(3, 1900, (n,), generator=g).tolist()
     conv = f"bench-{n}"
@@ -111,10 +113,12 @@ def ours(engine: Engine, n: int, decode_tokens: int, repeats: int, measure_decod
     if measure_decode:
         # alternated, the order flipped every repeat (A B, B A, A B, ...): run back to back, the second
         # of a pair measured ~5% slower whichever it was, and measured one after the other (all aLoRA
-        # runs, then all base runs) the ratio read 1.13 where alternated runs read 0.97-1.06
+        # runs, then all base runs) the ratio read 1.13 where alternated runs read 0.97-1.06. More
+        # repeats than the TTFT rows: with 3, one slow spell of this VM during one run moved the ratio
+        # from 0.95 to 1.29 between two runs of the same code
         many = SamplingParams(max_tokens=decode_tokens, ignore_eos=True)
         runs: dict[str | None, list[float]] = {"alora": [], None: []}
-        for i in range(repeats):
+        for i in range(decode_repeats):
             for adapter in ("alora", None) if i % 2 == 0 else (None, "alora"):
                 runs[adapter].append(_our_decode_ms(engine, adapter, conv, many))
         out["alora_decode_ms"] = statistics.median(runs["alora"])
@@ -171,6 +175,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-repeats", type=int, default=7, help="alternated runs per decode row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--assets", type=Path, default=Path(".cache/bench-core"))
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/bench_core.json"))
@@ -194,7 +199,8 @@ def main() -> None:
     # server runs only the engine, so each side is measured on its own.
     top = max(args.lengths)
     rows = [
-        {"n": n, "ours": ours(engine, n, args.decode_tokens, args.repeats, n == top)} for n in args.lengths
+        {"n": n, "ours": ours(engine, n, args.decode_tokens, args.repeats, args.decode_repeats, n == top)}
+        for n in args.lengths
     ]
     print("ours done", file=sys.stderr, flush=True)
     engine.close()
