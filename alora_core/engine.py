@@ -132,6 +132,9 @@ class GenerationResult:
     logprobs: list[TokenLogprobs] | None = None  # one per token_ids entry when params.logprobs is set
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.. when params.prompt_logprobs
     error: str | None = None  # finish_reason "error": why the output constraint allowed no next token
+    # finish_reason "stop" by a stop token id or stop string: which one (vLLM's stop_reason); None for
+    # EOS and every other finish
+    stop_reason: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -590,6 +593,7 @@ class Engine:
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             error=seq.error,
+            stop_reason=seq.stop_reason,
         )
 
 

@@ -51,6 +51,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None  # where the text ends when a stop string matched
+    # what ended a "stop" (vLLM's stop_reason): the stop token id or stop string; None for EOS
+    stop_reason: int | str | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
     generator: torch.Generator | None = None
     chain: BlockChain | None = None  # the KV index's view of its blocks (the scheduler sets it)
@@ -116,11 +118,11 @@ class Sequence:
         """Record a sampled token and decide whether the sequence is finished."""
         self.output.append(token)
         p = self.params
-        if (
-            (not p.ignore_eos and token in self.eos_token_ids)
-            or token in p.stop_token_ids
-            or (p.stop and len(self.output) > p.min_tokens and self._match_stop_string(tokenizer))
-        ):
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif p.stop and len(self.output) > p.min_tokens and self._match_stop_string(tokenizer):
             self.finish_reason = "stop"
         elif len(self.output) >= p.max_tokens or self.num_tokens >= self.max_model_len:
             self.finish_reason = "length"
@@ -132,9 +134,9 @@ class Sequence:
 
     def _match_stop_string(self, tokenizer: PreTrainedTokenizerBase) -> bool:
         text = str(tokenizer.decode(self.output, skip_special_tokens=True))
-        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        hits = [(i, s) for s in self.params.stop if (i := text.find(s)) >= 0]
         if hits:
-            self.stop_text_end = min(hits)
+            self.stop_text_end, self.stop_reason = min(hits, key=lambda hit: hit[0])  # the earliest
         return bool(hits)
 
     def text(self, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -232,6 +232,12 @@ class GenerateResponse(BaseModel):
         description='finish_reason "error" only: why the output constraint allowed no next token.',
         exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
     )
+    stop_reason: int | str | None = Field(
+        None,
+        description='finish_reason "stop" by a stop token id or stop string: which one (as vLLM\'s '
+        "stop_reason); absent for end of text and every other finish.",
+        exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
+    )
 
 
 class StreamToken(BaseModel):
@@ -261,6 +267,12 @@ class IntrinsicResponse(BaseModel):
     error: str | None = Field(
         None,
         description='finish_reason "error" only: why the output constraint allowed no next token.',
+        exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
+    )
+    stop_reason: int | str | None = Field(
+        None,
+        description='finish_reason "stop" by a stop token id or stop string: which one (as vLLM\'s '
+        "stop_reason); absent for end of text and every other finish.",
         exclude_if=lambda v: v is None,  # absent otherwise: the documented bodies stay as they were
     )
     activation_start: int | None = Field(

@@ -4,8 +4,8 @@
     y[t] += s_a B_a A_a x[t]          for every row t whose adapter slot a = idx[t] >= 0
 
 The slot of each row comes from the step's LoraBatch in the shared ForwardContext, so one forward
-serves base, LoRA and aLoRA rows together. On CPU the delta of a float32 step of up to
-KERNEL_MAX_ROWS rows is one call of the C kernel (ops.masked_lora_kernel), other steps take the torch
+serves base, LoRA and aLoRA rows together. On CPU the delta of a short float32 step (see
+KERNEL_MAX_ROWS) is one call of the C kernel (ops.masked_lora_kernel), other steps take the torch
 ops (ops.py: one adapter's rows in one addmm, several adapters in one bmm pair). On CUDA (decided once, when the wrapper is built) the wrappers of one attention or MLP block that read
 the same x form a `SharedInputGroup`: the first of them called runs every member's base layer and
 one fused Triton shrink + expand for all of them (triton_ops.py); the others return their output
@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 # Torch path: padded rows the stacked LoRA may compute per adapter it saves the separate ops of. On
 # the bench model a padded row costs ~1 us of GEMM, one adapter's gather/shrink/expand/scatter ~15 us.
 MAX_PADDING_PER_SLOT = 16
-# CPU kernel: steps of up to this many rows (decode, invocations, fan-outs); longer ones (a LoRA
-# request's prefill chunk) are GEMM-sized, where MKL's addmm / bmm is the better kernel.
+# CPU kernel: steps of up to KERNEL_MAX_ROWS rows with several adapters (fan-outs, mixed batches), and
+# of up to KERNEL_MAX_ROWS_ONE_ADAPTER where every row uses one adapter (decode, an invocation). The
+# kernel computes row by row; one adapter's rows are one addmm pair for MKL, which wins from ~16 rows
+# (bench model, 2 threads: 8 rows 13 vs 14 us, 16 rows 22 vs 16 us, 64 rows 80 vs 35 us).
 KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS_ONE_ADAPTER = 8
 
 
 def lora_kernel_available(device: torch.device) -> bool:
@@ -94,7 +97,8 @@ class MaskedLoRALinear(nn.Module):
             return y
         y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
         kernels = batch.cpu_kernels
-        if kernels is not None and x2.shape[0] <= KERNEL_MAX_ROWS and self._kernel_serves(x2, y2):
+        limit = KERNEL_MAX_ROWS if batch.lora.single is None else KERNEL_MAX_ROWS_ONE_ADAPTER
+        if kernels is not None and x2.shape[0] <= limit and self._kernel_serves(x2, y2):
             masked_lora_kernel(kernels, y2, x2, batch.lora.adapter_index, self._table)  # type: ignore[arg-type]
             return y
         if batch.lora.single is not None:  # every row uses one adapter (a LoRA request, an aLoRA decoding)

@@ -77,6 +77,7 @@ def chat_body(
                 message=AssistantMessage(content=result.text),
                 logprobs=logprobs,
                 finish_reason=result.finish_reason,
+                stop_reason=result.stop_reason,
                 token_ids=result.token_ids if body.return_token_ids else None,
             )
         )
@@ -170,6 +171,7 @@ def completion_choice(
         text=text,
         logprobs=logprobs,
         finish_reason="length" if echo_only else result.finish_reason,  # echo only: max_tokens 0 reached
+        stop_reason=None if echo_only else result.stop_reason,
         prompt_logprobs=None if body.prompt_logprobs is None else prompt_logprobs(meta.strings, ids, scored),
         prompt_token_ids=ids if body.return_token_ids else None,
         token_ids=tokens if body.return_token_ids else None,

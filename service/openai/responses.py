@@ -62,11 +62,18 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+STOP_REASON = (
+    "vLLM's: the stop token id or stop string that ended the choice (finish_reason stop); null for "
+    "the end-of-text token and every other finish."
+)
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
+    stop_reason: int | str | None = Field(None, description=STOP_REASON)
     token_ids: list[int] | None = Field(None, description="vLLM's, with return_token_ids.")
 
 
@@ -106,6 +113,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason
+    stop_reason: int | str | None = Field(None, description=STOP_REASON)
     prompt_logprobs: PromptLogprobs | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None

@@ -86,6 +86,7 @@ async def chat_events(
             "index": index,
             "delta": {"content": rest} if rest else {},
             "finish_reason": result.finish_reason,
+            "stop_reason": result.stop_reason,
         }
 
     yield chunks.chunk(
@@ -156,7 +157,11 @@ async def completion_events(
         released = state.text.released
         rest = result.text[len(released) :] if result.text.startswith(released) and not drop_output else ""
         reason = "length" if drop_output else result.finish_reason  # echo only: max_tokens 0 reached
-        return [*out, {"index": index, "text": rest, "logprobs": None, "finish_reason": reason}]
+        stop = None if drop_output else result.stop_reason
+        return [
+            *out,
+            {"index": index, "text": rest, "logprobs": None, "finish_reason": reason, "stop_reason": stop},
+        ]
 
     async for event in _events(stream, delta, finish, usage, chunks):
         yield event

@@ -73,6 +73,7 @@ async def generate(
             ttft_s=result.ttft_s,
             total_s=result.total_s,
             error=result.error,
+            stop_reason=result.stop_reason,
         )
 
     if not body.stream:

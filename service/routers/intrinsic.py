@@ -172,6 +172,7 @@ async def run_intrinsic(
         ttft_s=result.ttft_s,
         total_s=result.total_s,
         error=result.error,
+        stop_reason=result.stop_reason,
         activation_start=result.activation_start,
         result=parsed.value,
         result_error=parsed.error,

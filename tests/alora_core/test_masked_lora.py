@@ -253,15 +253,18 @@ def test_cpu_kernel_rows_do_not_depend_on_the_rest_of_the_step(kernels: CpuKerne
 def test_layer_takes_the_cpu_kernel_for_short_float32_steps(
     kernels: CpuKernels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the kernels bound to the step, a float32 step of up to KERNEL_MAX_ROWS rows is one kernel call
-    (any mix of adapters); longer steps, bfloat16 layers and ranks past the kernel's take torch."""
+    """With the kernels bound to the step, a float32 step of up to KERNEL_MAX_ROWS rows with several
+    adapters (KERNEL_MAX_ROWS_ONE_ADAPTER with one) is one kernel call; longer steps, bfloat16 layers and
+    ranks past the kernel's take torch."""
     gen = torch.Generator().manual_seed(10)
     calls = []
     monkeypatch.setattr(
         layer_module, "masked_lora_kernel", lambda *a: calls.append(1) or masked_lora_kernel(*a)
     )
 
-    def check(dtype: torch.dtype, rank: int, rows: int, kernel: bool) -> None:
+    def check(
+        dtype: torch.dtype, rank: int, rows: int, kernel: bool, slots: tuple[int, ...] = (0, 1, -1)
+    ) -> None:
         base = torch.nn.Linear(16, 24, dtype=dtype)
         ctx = ForwardContext()
         layer = MaskedLoRALinear(base, ctx, use_kernel=False)
@@ -275,7 +278,7 @@ def test_layer_takes_the_cpu_kernel_for_short_float32_steps(
         }
         for s, w in ws.items():
             layer.set_slot(s, w)
-        idx = torch.tensor([0, 1, -1])[torch.arange(rows) % 3]
+        idx = torch.tensor(slots)[torch.arange(rows) % len(slots)]
         x = torch.randn(rows, 16, generator=gen).to(dtype)
         lora = LoraBatch.from_index(idx)
         batch = StepBatch(idx, idx, idx, (), torch.empty(0), lora, idx, cpu_kernels=kernels)
@@ -295,5 +298,7 @@ def test_layer_takes_the_cpu_kernel_for_short_float32_steps(
     check(torch.float32, 8, 7, kernel=True)
     check(torch.float32, 8, layer_module.KERNEL_MAX_ROWS, kernel=True)
     check(torch.float32, 8, layer_module.KERNEL_MAX_ROWS + 1, kernel=False)
+    check(torch.float32, 8, layer_module.KERNEL_MAX_ROWS_ONE_ADAPTER, kernel=True, slots=(1,))
+    check(torch.float32, 8, layer_module.KERNEL_MAX_ROWS_ONE_ADAPTER + 1, kernel=False, slots=(1,))
     check(torch.float32, MASKED_LORA_MAX_RANK + 1, 5, kernel=False)
     check(torch.bfloat16, 8, 5, kernel=False)

@@ -46,7 +46,8 @@ def test_stop_token_ids_and_eos(engine: Engine) -> None:
     first = free_run.token_ids.index(stop_at)
     stopped = engine.generate(None, context, SamplingParams(max_tokens=10, stop_token_ids=(stop_at,)))
     assert stopped.token_ids == free_run.token_ids[: first + 1]
-    assert stopped.finish_reason == "stop"
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop_at)
+    assert (free_run.finish_reason, free_run.stop_reason) == ("length", None)
 
 
 def test_stop_string_truncates_text(engine: Engine) -> None:
@@ -56,6 +57,6 @@ def test_stop_string_truncates_text(engine: Engine) -> None:
     assert len(text) > 4
     stop = text[2:4]
     stopped = engine.generate(None, context, SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,)))
-    assert stopped.finish_reason == "stop"
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
     assert stopped.text == text[: text.index(stop)]
     assert stopped.token_ids == free_run.token_ids[: len(stopped.token_ids)]

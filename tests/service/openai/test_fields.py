@@ -24,13 +24,19 @@ def complete(
     sdk: openai.OpenAI, prompt: list[int], model: str = SERVED, **fields: object
 ) -> tuple[list[int], str, str]:
     """(token ids, text, finish reason) of a greedy completion of token ids (fields override)."""
+    choice = completion_choice(sdk, prompt, model, **fields)
+    return choice.model_extra["token_ids"], choice.text, choice.finish_reason
+
+
+def completion_choice(
+    sdk: openai.OpenAI, prompt: list[int], model: str = SERVED, **fields: object
+) -> openai.types.CompletionChoice:
     body: dict = {"temperature": 0, "max_tokens": 10, **fields}
     extra = {k: body.pop(k) for k in list(body) if k not in _SDK_FIELDS}
     response = sdk.completions.create(
         model=model, prompt=prompt, extra_body={"return_token_ids": True, **extra}, **body
     )
-    choice = response.choices[0]
-    return choice.model_extra["token_ids"], choice.text, choice.finish_reason
+    return response.choices[0]
 
 
 _SDK_FIELDS = {
@@ -111,22 +117,56 @@ def test_top_k_top_p_min_p_one_survivor_is_greedy_and_seed_fixes_the_draw(sdk: o
 
 
 def test_stop_strings_and_stop_token_ids(sdk: openai.OpenAI) -> None:
+    """What ends a choice, and vLLM's stop_reason saying which stop string or stop token id it was
+    (null when nothing of the request's stopped it)."""
     prompt = random_ids(18, seed=1711)
-    tokens, text, _ = complete(sdk, prompt, ignore_eos=True, max_tokens=12)
+    free = completion_choice(sdk, prompt, ignore_eos=True, max_tokens=12)
+    tokens, text = free.model_extra["token_ids"], free.text
+    assert (free.finish_reason, free.model_extra["stop_reason"]) == ("length", None)
     assert len(text) > 6
     stop = text[3:6]
-    for form in (stop, [stop, "zzzz-never"]):
-        _, stopped, reason = complete(sdk, prompt, ignore_eos=True, max_tokens=12, stop=form)
-        assert (stopped, reason) == (text[: text.index(stop)], "stop")
-    ids, _, reason = complete(sdk, prompt, ignore_eos=True, max_tokens=12, stop_token_ids=[tokens[4]])
-    assert ids == tokens[: tokens.index(tokens[4]) + 1] and reason == "stop"
+    for form in (stop, [stop, "zzzz-never"], ["zzzz-never", text[4:7], stop]):
+        choice = completion_choice(sdk, prompt, ignore_eos=True, max_tokens=12, stop=form)
+        assert (choice.text, choice.finish_reason) == (text[: text.index(stop)], "stop")
+        assert choice.model_extra["stop_reason"] == stop  # the earliest in the text, whatever the order
+    choice = completion_choice(sdk, prompt, ignore_eos=True, max_tokens=12, stop_token_ids=[tokens[4]])
+    assert choice.model_extra["token_ids"] == tokens[: tokens.index(tokens[4]) + 1]
+    assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", tokens[4])
+
+    messages = [{"role": "user", "content": "hi"}]
+    free_chat = sdk.chat.completions.create(
+        model=SERVED, messages=messages, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
+    ).choices[0]
+    stop = free_chat.message.content[2:5]
+    assert len(stop) == 3
+    chat = sdk.chat.completions.create(
+        model=SERVED,
+        messages=messages,
+        temperature=0,
+        max_tokens=12,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert (chat.finish_reason, chat.model_extra["stop_reason"]) == ("stop", stop)
+    chunks = sdk.chat.completions.create(
+        model=SERVED,
+        messages=messages,
+        temperature=0,
+        max_tokens=12,
+        stop=[stop],
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    finals = [c for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
+    assert [(f.finish_reason, f.model_extra["stop_reason"]) for f in finals] == [("stop", stop)]
 
 
 def test_ignore_eos_and_max_tokens_absent_reach_the_context_limit(sdk: openai.OpenAI) -> None:
     prompt = random_ids(30, seed=1712)
     eos_first = {"logit_bias": {str(EOS): 100}}  # the model wants to end at once
-    tokens, _, reason = complete(sdk, prompt, **eos_first)
-    assert (tokens, reason) == ([EOS], "stop")
+    choice = completion_choice(sdk, prompt, **eos_first)
+    assert (choice.model_extra["token_ids"], choice.finish_reason) == ([EOS], "stop")
+    assert choice.model_extra["stop_reason"] is None  # the end-of-text token is no stop of the request
     response = sdk.completions.create(
         model=SERVED, prompt=prompt, temperature=0, extra_body={"ignore_eos": True, **eos_first}
     )  # no max_tokens: up to the context limit, as vLLM
