@@ -29,7 +29,7 @@ from alora_core.lora.ops import (
     masked_lora_reference,
     masked_lora_stacked,
 )
-from alora_core.model.batch import ForwardContext, LoraBatch
+from alora_core.model.batch import ForwardContext, LoraBatch, StepBatch
 from alora_core.model.cpu_linear import SHARED_INPUT_NAMES
 from alora_core.model.triton_check import triton_imports
 
@@ -96,10 +96,15 @@ class MaskedLoRALinear(nn.Module):
         if batch is None or batch.lora is None or not self.slots:
             return y
         y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
-        kernels = batch.cpu_kernels
+        kernels, table = batch.cpu_kernels, self._table  # one read: a concurrent unload swaps the table
         limit = KERNEL_MAX_ROWS if batch.lora.single is None else KERNEL_MAX_ROWS_ONE_ADAPTER
-        if kernels is not None and x2.shape[0] <= limit and self._kernel_serves(x2, y2):
-            masked_lora_kernel(kernels, y2, x2, batch.lora.adapter_index, self._table)  # type: ignore[arg-type]
+        if (
+            kernels is not None
+            and table is not None
+            and x2.shape[0] <= limit
+            and _kernel_takes(x2, y2, batch)
+        ):
+            masked_lora_kernel(kernels, y2, x2, batch.lora.adapter_index, table)
             return y
         if batch.lora.single is not None:  # every row uses one adapter (a LoRA request, an aLoRA decoding)
             w = self.slots.get(batch.lora.single)
@@ -119,23 +124,24 @@ class MaskedLoRALinear(nn.Module):
         self._stacks.clear()
         self._table = KernelTable(self.slots) if KernelTable.serves(self.slots) else None
 
-    def _kernel_serves(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        index = self.ctx.batch.lora.adapter_index  # type: ignore[union-attr]
-        return (
-            self._table is not None
-            and x.dtype == torch.float32
-            and x.stride(1) == 1
-            and y.stride(1) == 1
-            and index.dtype == torch.int64
-            and index.is_contiguous()
-        )
-
     def _stack(self, slots: tuple[int, ...]) -> StackedLora:
         weights = tuple(self.slots[s] for s in slots)
         stack = self._stacks.get(slots)
         if stack is None or any(a is not b for a, b in zip(stack.weights, weights, strict=True)):
             stack = self._stacks[slots] = StackedLora.build(weights)
         return stack
+
+
+def _kernel_takes(x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> bool:
+    """float32 rows with unit column stride (y may be a column view) and the step's int64 index."""
+    index = batch.lora.adapter_index  # type: ignore[union-attr]
+    return (
+        x.dtype == torch.float32
+        and x.stride(1) == 1
+        and y.stride(1) == 1
+        and index.dtype == torch.int64
+        and index.is_contiguous()
+    )
 
 
 class SharedInputGroup:
