@@ -38,7 +38,7 @@ import torch
 
 from alora_core import Engine, SamplingParams
 from alora_core.model import cuda_graphs
-from alora_core.model.attention import attend_gathered, gather_plan
+from alora_core.model.attention_gather import attend_gathered, gather_plan
 from alora_core.model.batch import SeqSpan
 from alora_core.model.step_buffers import StepBuffers
 from loadtest.bench_lora_kernel import LLAMA_8B, TINY, build_engine, device_ms, time_ms

@@ -31,7 +31,7 @@ from alora_core.model.triton_check import triton_imports
 log = logging.getLogger(__name__)
 
 # "triton" (default): CUDA steps attend with the paged Triton kernel; "gather": the gather+SDPA path
-# (model/attention.py), kept as the reference for A/B runs.
+# (model/attention_gather.py), kept as the reference for A/B runs.
 GPU_ATTENTION_ENV = "ALORA_GPU_ATTENTION"
 
 

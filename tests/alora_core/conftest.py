@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from alora_core import Engine, EngineConfig
 from alora_core.fixtures import DemoPaths, write_demo
-from alora_core.model import attention
+from alora_core.model import attention_parts
 
 SPECIAL_IDS = 3  # ids 0..2 are the role / end-of-text specials: random contexts avoid them
 TEST_DEVICE = os.environ.get("ALORA_TEST_DEVICE", "cpu")
@@ -113,9 +113,9 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """Each test runs with ATen's CPU flash kernel for the parts, and with the matmul reference
     (the path of other devices), whole and in row chunks of a tiny score bound."""
     if request.param == "flash_cpu":
-        assert attention._FLASH_CPU is not None, "this torch has no CPU flash attention op"
+        assert attention_parts.FLASH_CPU is not None, "this torch has no CPU flash attention op"
     else:
-        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+        monkeypatch.setattr(attention_parts, "FLASH_CPU", None)
     if request.param == "matmul_chunked":
-        monkeypatch.setattr(attention, "MAX_SCORE_ELEMENTS", 64)
+        monkeypatch.setattr(attention_parts, "MAX_SCORE_ELEMENTS", 64)
     return str(request.param)

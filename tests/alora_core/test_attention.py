@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alora_core.model import attention
+from alora_core.model import attention, attention_forks, attention_gather, attention_parts
 from alora_core.model.batch import SeqSpan, StepBatch
 
 
@@ -34,7 +34,7 @@ def test_attend_over_segments(t: int, pieces: int, kernel: str) -> None:
     v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
     q = torch.randn(heads, t, dim, generator=gen)
 
-    out = attention.attend(q, cache_k, cache_v, segments, n - t, 0.3)
+    out = attention_forks.attend(q, cache_k, cache_v, segments, n - t, 0.3)
 
     torch.testing.assert_close(out, reference(q, k, v, n - t, 0.3), atol=1e-5, rtol=1e-5)
 
@@ -68,7 +68,7 @@ def check_forks(
         v = torch.cat([cache_v[:, s:e] for s, e in segments], dim=1)
         expected.append(reference(q, k, v, n - t, 0.25))
 
-    outs = attention.attend_forks(items, cache_k, cache_v, 0.25)
+    outs = attention_forks.attend_forks(items, cache_k, cache_v, 0.25)
 
     for out, ref in zip(outs, expected, strict=True):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -79,7 +79,7 @@ def test_gathered_batches_equal_the_reference(bound: int | None, monkeypatch: py
     """The GPU path: sequences of different lengths, query counts and runs (forks included) padded into
     batches; with a tiny bound every sequence is a batch of its own. Padding rows are never written out."""
     if bound is not None:
-        monkeypatch.setattr(attention, "MAX_GATHER_ELEMENTS", bound)
+        monkeypatch.setattr(attention_gather, "MAX_GATHER_ELEMENTS", bound)
     gen = torch.Generator().manual_seed(11)
     kvh, heads, dim = 2, 6, 8
     cache_k = torch.randn(kvh, 400, dim, generator=gen)
@@ -99,9 +99,9 @@ def test_gathered_batches_equal_the_reference(bound: int | None, monkeypatch: py
     query = torch.cat(qs, dim=1)  # [H, T, D], the step's rows
     out = torch.full((row, heads, dim), float("nan"))
 
-    plan = attention.gather_plan(spans, heads // kvh, kvh * dim, torch.device("cpu"))
+    plan = attention_gather.gather_plan(spans, heads // kvh, kvh * dim, torch.device("cpu"))
     for batch in plan:
-        attention.attend_gathered(batch, query, cache_k, cache_v, 0.3, out)
+        attention_gather.attend_gathered(batch, query, cache_k, cache_v, 0.3, out)
 
     assert len(plan) == (len(spans) if bound else 1)
     for span, ref in zip(spans, expected, strict=True):
@@ -119,14 +119,14 @@ def test_forks_share_every_run_of_a_fragmented_prefix(kernel: str, monkeypatch: 
     prefix = ((10, 42), (100, 132), (200, 216))
     forks = [(*prefix, (300, 306)), (*prefix[:2], (200, 220)), (*prefix, (350, 353))]
     calls: list[int] = []
-    real = attention._part
-    monkeypatch.setattr(attention, "_part", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    real = attention_forks.part
+    monkeypatch.setattr(attention_forks, "part", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
     check_forks(forks, [2, 1, 1], cache_k, cache_v, heads, gen)
 
     all_rows = 2 * (2 + 1 + 1)  # G = 2 rows per query
     assert calls == [all_rows] * 3 + [kvh]  # three shared runs for every fork, then [F, KVH, M, D] once
-    assert attention._common_runs(tuple(forks), 1000) == prefix
-    assert attention._common_runs(tuple(forks), 40) == ((10, 42), (100, 108))
+    assert attention_parts.common_runs(tuple(forks), 1000) == prefix
+    assert attention_parts.common_runs(tuple(forks), 40) == ((10, 42), (100, 108))
 
 
 @pytest.mark.parametrize("t", [1, 3])
@@ -141,7 +141,7 @@ def test_queries_with_a_strided_last_dimension(t: int, kernel: str) -> None:
     assert q.stride(-1) != 1
     segments = ((30, 30 + n),)
 
-    out = attention.attend(q, cache_k, cache_v, segments, n - t, 0.3)
+    out = attention_forks.attend(q, cache_k, cache_v, segments, n - t, 0.3)
 
     ref = reference(q.contiguous(), cache_k[:, 30 : 30 + n], cache_v[:, 30 : 30 + n], n - t, 0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -203,11 +203,11 @@ def test_fan_out_decode_needs_no_mask(kernel: str) -> None:
     prefix = (10, 74)
     forks = [(prefix, (200, 209)), (prefix, (220, 229)), (prefix, (240, 249))]
     items = [(torch.randn(heads, 1, dim), segs, 64 + 9 - 1) for segs in forks]
-    plan = attention.plan_forks(items, kvh, torch.float32)
+    plan = attention_forks.plan_forks(items, kvh, torch.float32)
     assert plan.shared == (prefix,) and plan.own is not None and plan.own.mask is None
     check_forks(forks, [1, 1, 1], cache_k, cache_v, heads, gen)
     ahead = [*forks[:2], (prefix, (240, 250))]
     items = [(torch.randn(heads, 1, dim), segs, sum(e - s for s, e in segs) - 1) for segs in ahead]
-    own = attention.plan_forks(items, kvh, torch.float32).own
+    own = attention_forks.plan_forks(items, kvh, torch.float32).own
     assert own is not None and own.mask is not None
     check_forks(ahead, [1, 1, 1], cache_k, cache_v, heads, gen)

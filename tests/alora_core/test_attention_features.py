@@ -8,7 +8,7 @@ import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from alora_core.errors import UnsupportedModelError
-from alora_core.model import attention
+from alora_core.model import attention, attention_forks, attention_gather
 from alora_core.model.batch import SeqSpan, StepBatch
 
 Features = dict[str, object]
@@ -79,7 +79,7 @@ def test_attend_honours_each_feature(name: str, t: int, pieces: int, kernel: str
     q = torch.randn(heads, t, dim, generator=gen) * 2
     extra = features(name, heads, gen)
 
-    out = attention.attend(q, cache_k, cache_v, segments, n - t, 0.5, **extra)  # type: ignore[arg-type]
+    out = attention_forks.attend(q, cache_k, cache_v, segments, n - t, 0.5, **extra)  # type: ignore[arg-type]
 
     ref = reference(q, contiguous(cache_k, segments), contiguous(cache_v, segments), n - t, 0.5, **extra)  # type: ignore[arg-type]
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -105,7 +105,7 @@ def test_forks_honour_each_feature(name: str, kernel: str) -> None:
         ref = reference(q, contiguous(cache_k, segments), contiguous(cache_v, segments), n - t, 0.4, **extra)  # type: ignore[arg-type]
         expected.append(ref)
 
-    outs = attention.attend_forks(items, cache_k, cache_v, 0.4, **extra)  # type: ignore[arg-type]
+    outs = attention_forks.attend_forks(items, cache_k, cache_v, 0.4, **extra)  # type: ignore[arg-type]
 
     for out, ref in zip(outs, expected, strict=True):
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -133,8 +133,8 @@ def test_gathered_batches_honour_each_feature(name: str) -> None:
     query = torch.cat(qs, dim=1)
     out = torch.full((row, heads, dim), float("nan"))
 
-    for batch in attention.gather_plan(spans, heads // kvh, kvh * dim, torch.device("cpu"), window):  # type: ignore[arg-type]
-        attention.attend_gathered(batch, query, cache_k, cache_v, 0.3, out, **extra)  # type: ignore[arg-type]
+    for batch in attention_gather.gather_plan(spans, heads // kvh, kvh * dim, torch.device("cpu"), window):  # type: ignore[arg-type]
+        attention_gather.attend_gathered(batch, query, cache_k, cache_v, 0.3, out, **extra)  # type: ignore[arg-type]
 
     for span, ref in zip(spans, expected, strict=True):
         got = out[span.query_start : span.query_start + span.query_len].transpose(0, 1)

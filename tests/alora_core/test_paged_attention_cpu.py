@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alora_core.model import attention, cpu_kernels, paged_attention_cpu
+from alora_core.model import attention, attention_forks, cpu_kernels, paged_attention_cpu
 from alora_core.model.batch import SeqSpan, StepBatch
 from alora_core.model.cpu_kernels import CpuKernels
 
@@ -133,7 +133,9 @@ def test_reference_agrees_with_the_eager_path() -> None:
     expected = paged_attention_cpu.reference(spans, query[0].transpose(0, 1), k_cache, v_cache, 0.25)
     for seq in spans:
         q = query[0, :, seq.query_start : seq.query_start + seq.query_len]
-        out = attention.attend(q, k_cache, v_cache, seq.kv_segments, seq.context_len - seq.query_len, 0.25)
+        out = attention_forks.attend(
+            q, k_cache, v_cache, seq.kv_segments, seq.context_len - seq.query_len, 0.25
+        )
         for i in range(seq.query_len):
             torch.testing.assert_close(
                 out[:, i].double(), expected[seq.query_start + i], atol=3e-5, rtol=3e-5
