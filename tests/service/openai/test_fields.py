@@ -3,6 +3,8 @@ against transformers' logits processors with vLLM's semantics (tests/alora_core/
 template fields against the chat template rendered locally, the rest against the same request
 without the field. Each test also shows the field is not ignored (the output differs without it)."""
 
+from typing import Any
+
 import openai
 import pytest
 from transformers import (
@@ -133,30 +135,21 @@ def test_stop_strings_and_stop_token_ids(sdk: openai.OpenAI) -> None:
     assert choice.model_extra["token_ids"] == tokens[: tokens.index(tokens[4]) + 1]
     assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", tokens[4])
 
-    messages = [{"role": "user", "content": "hi"}]
-    free_chat = sdk.chat.completions.create(
-        model=SERVED, messages=messages, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
-    ).choices[0]
-    stop = free_chat.message.content[2:5]
+    def chat(**fields: object) -> Any:
+        return sdk.chat.completions.create(
+            model=SERVED,
+            messages=[{"role": "user", "content": "hi"}],
+            temperature=0,
+            max_tokens=12,
+            extra_body={"ignore_eos": True},
+            **fields,  # type: ignore[arg-type]
+        )
+
+    stop = chat().choices[0].message.content[2:5]
     assert len(stop) == 3
-    chat = sdk.chat.completions.create(
-        model=SERVED,
-        messages=messages,
-        temperature=0,
-        max_tokens=12,
-        stop=[stop],
-        extra_body={"ignore_eos": True},
-    ).choices[0]
-    assert (chat.finish_reason, chat.model_extra["stop_reason"]) == ("stop", stop)
-    chunks = sdk.chat.completions.create(
-        model=SERVED,
-        messages=messages,
-        temperature=0,
-        max_tokens=12,
-        stop=[stop],
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
+    stopped = chat(stop=[stop]).choices[0]
+    assert (stopped.finish_reason, stopped.model_extra["stop_reason"]) == ("stop", stop)
+    chunks = chat(stop=[stop], stream=True)
     finals = [c for chunk in chunks for c in chunk.choices if c.finish_reason is not None]
     assert [(f.finish_reason, f.model_extra["stop_reason"]) for f in finals] == [("stop", stop)]
 
