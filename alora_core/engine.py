@@ -98,7 +98,7 @@ class EngineConfig:
     restore_policy: RestorePolicy = "cost"  # restore a lower tier only when cheaper than recompute
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefill_chunk_tokens: int = 512  # tokens of one sequence per forward during prefill
-    max_num_seqs: int = 64  # sequences batched per forward (1 = one request at a time)
+    max_num_seqs: int = 64  # sequences batched per forward (1 = one request at a time); n choices take n
     max_num_batched_tokens: int = 512  # new tokens per forward, all sequences together
     max_waiting: int = 256  # queued requests beyond which new ones are refused (HTTP 429)
     max_adapters: int = 32

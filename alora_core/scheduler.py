@@ -209,12 +209,19 @@ class Scheduler:
         }
         pending: set[str] = set()  # conversations with an earlier request still waiting
         keep: deque[Request] = deque()
+        seats = sum(_seats(r) for r in self.running)
         while self._waiting:
             r = self._waiting.popleft()
             key = r.conversation_id
-            if (key is not None and (key in blocked or (r.kind == "generate" and key in pending))) or len(
-                self.running
-            ) >= self.config.max_num_seqs:
+            # an n > 1 request takes its choices' seats too (they fork from it at its first token);
+            # one with more choices than max_num_seqs runs alone rather than never. No seat: strict
+            # FIFO, as for KV (a smaller request behind it does not take the seats it waits for)
+            if seats + _seats(r) > self.config.max_num_seqs and self.running:
+                keep.append(r)
+                keep.extend(self._waiting)
+                self._waiting.clear()
+                break
+            if key is not None and (key in blocked or (r.kind == "generate" and key in pending)):
                 keep.append(r)
             else:
                 try:
@@ -232,6 +239,7 @@ class Scheduler:
                     keep.append(r)
                 else:
                     self.running.append(r)
+                    seats += _seats(r)
             if key is not None:
                 pending.add(key)
                 if r.kind == "generate":
@@ -478,3 +486,8 @@ def _emit(r: Request, tokens: list[int], logprobs: list[TokenLogprobs]) -> None:
 def _resolve(r: Request) -> None:
     if not r.future.done():
         r.future.set_result(r)
+
+
+def _seats(r: Request) -> int:
+    """Sequences a request runs as: itself and the choices that will fork from it (n > 1)."""
+    return 1 + len(r.forks)

@@ -86,7 +86,11 @@ class Settings(BaseSettings):
         "stays cached); requests without a conversation id make none.",
     )
     max_num_seqs: int = Field(
-        64, ge=1, le=4096, description="Sequences batched per forward (1 = no batching)."
+        64,
+        ge=1,
+        le=4096,
+        description="Sequences batched per forward (1 = no batching). A request with n choices takes n "
+        "(one with more than this many runs alone).",
     )
     max_num_batched_tokens: int = Field(
         512, ge=1, description="New tokens per forward, all sequences together (bounds decode latency)."

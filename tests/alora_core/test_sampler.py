@@ -310,3 +310,23 @@ def test_mixed_fields_in_one_batch_equal_solo_runs(engine: Engine) -> None:
             got = torch.tensor([[e.logprob, *(v for _, v in e.top)] for e in b.logprobs])
             want = torch.tensor([[e.logprob, *(v for _, v in e.top)] for e in a.logprobs])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_n_choices_take_their_seats_of_max_num_seqs(make_engine) -> None:
+    """An n > 1 request is admitted only where its choices fit beside what runs (they fork from it at
+    its first token), so no step runs more than max_num_seqs sequences; requests behind it wait their
+    turn; one with more choices than max_num_seqs runs alone rather than never."""
+    engine = make_engine(max_num_seqs=4)
+    widest: list[int] = []
+    engine.scheduler.step_observers.append(lambda work: widest.append(len({id(seq) for seq, _, _ in work})))
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    blocker = engine.submit_completion(None, random_ids(10, seed=1621), greedy)
+    wide = engine.submit_completion(None, random_ids(10, seed=1622), SamplingParams(max_tokens=3, n=4))
+    behind = engine.submit_completion(None, random_ids(10, seed=1623), SamplingParams(max_tokens=3))
+    assert blocker.result().finish_reason == "length"
+    assert all(len(h.result().token_ids) == 3 for h in [*wide.choices, behind])
+    assert max(widest) == 4
+    widest.clear()
+    alone = engine.submit_completion(None, random_ids(10, seed=1624), SamplingParams(max_tokens=3, n=6))
+    assert all(len(h.result().token_ids) == 3 for h in alone.choices)
+    assert max(widest) == 6
