@@ -4,7 +4,7 @@
     y[t] += s_a B_a A_a x[t]          for every row t whose adapter slot a = idx[t] >= 0
 
 The slot of each row comes from the step's LoraBatch in the shared ForwardContext, so one forward
-serves base, LoRA and aLoRA rows together. On CPU the delta of a short float32 step (see
+serves base, LoRA and aLoRA rows together. On CPU the delta of a short float32 or bfloat16 step (see
 KERNEL_MAX_ROWS) is one call of the C kernel (ops.masked_lora_kernel), other steps take the torch
 ops (ops.py: one adapter's rows in one addmm, several adapters in one bmm pair). On CUDA (decided once, when the wrapper is built) the wrappers of one attention or MLP block that read
 the same x form a `SharedInputGroup`: the first of them called runs every member's base layer and
@@ -102,7 +102,7 @@ class MaskedLoRALinear(nn.Module):
             kernels is not None
             and table is not None
             and x2.shape[0] <= limit
-            and _kernel_takes(x2, y2, batch)
+            and _kernel_takes(x2, y2, batch, table.dtype)
         ):
             masked_lora_kernel(kernels, y2, x2, batch.lora.adapter_index, table)
             return y
@@ -132,11 +132,12 @@ class MaskedLoRALinear(nn.Module):
         return stack
 
 
-def _kernel_takes(x: torch.Tensor, y: torch.Tensor, batch: StepBatch) -> bool:
-    """float32 rows with unit column stride (y may be a column view) and the step's int64 index."""
+def _kernel_takes(x: torch.Tensor, y: torch.Tensor, batch: StepBatch, dtype: torch.dtype) -> bool:
+    """Rows in the weights' dtype with unit column stride (y may be a column view), the step's int64 index."""
     index = batch.lora.adapter_index  # type: ignore[union-attr]
     return (
-        x.dtype == torch.float32
+        x.dtype == dtype
+        and y.dtype == dtype
         and x.stride(1) == 1
         and y.stride(1) == 1
         and index.dtype == torch.int64

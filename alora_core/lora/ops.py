@@ -8,8 +8,8 @@ Tokens with idx = -1 (base requests, aLoRA tokens before their activation start)
 This torch reference groups rows by adapter (rows are precomputed once per step in LoraBatch).
 With several adapters in a step, `masked_lora_stacked` computes the same for all of them in one bmm
 pair (weights stacked once per slot set), instead of four small ops per adapter. With the CPU kernels
-(model/cpu_kernels.py), float32 steps of up to KERNEL_MAX_ROWS rows take `masked_lora_kernel`: one
-C call per layer, whatever the mix of adapters.
+(model/cpu_kernels.py), short float32 or bfloat16 steps take `masked_lora_kernel` (lora/layer.py
+says which): one C call per layer, whatever the mix of adapters.
 """
 
 import ctypes
@@ -75,6 +75,9 @@ def masked_lora_stacked(y: torch.Tensor, x: torch.Tensor, rows: SlotRows, stack:
     y.index_add_(0, rows.rows, delta)
 
 
+KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16})
+
+
 class KernelTable:
     """One layer's adapter slots as the CPU kernel reads them (csrc/masked_lora_cpu.c): per slot number,
     A^T, B^T, rank and scale; slots the layer has no weights for stay empty. Built when the layer's slots
@@ -91,6 +94,7 @@ class KernelTable:
             self.a_t[slot], self.b_t[slot] = w.a_t.data_ptr(), w.b_t.data_ptr()
             self.rank[slot], self.scale[slot] = w.a.shape[0], w.scale
         first = next(iter(weights.values()))
+        self.dtype = first.a.dtype  # of x, y and every weight
         self.args = LoraArgs(
             in_features=first.a.shape[1],
             out_features=first.b.shape[0],
@@ -99,22 +103,28 @@ class KernelTable:
             b_t=self.b_t,
             rank=self.rank,
             scale=self.scale,
+            bf16=int(self.dtype == torch.bfloat16),
         )
 
     @staticmethod
     def serves(weights: dict[int, LoraWeights]) -> bool:
-        """float32 CPU weights of ranks the kernel takes."""
-        return bool(weights) and all(
-            w.a.dtype == torch.float32 and w.a.device.type == "cpu" and w.a.shape[0] <= MASKED_LORA_MAX_RANK
-            for w in weights.values()
+        """CPU weights of one dtype the kernel computes (float32, bfloat16), of ranks it takes."""
+        dtypes = {w.a.dtype for w in weights.values()} | {w.b.dtype for w in weights.values()}
+        return (
+            len(dtypes) == 1
+            and dtypes <= KERNEL_DTYPES
+            and all(
+                w.a.device.type == "cpu" and w.a.shape[0] <= MASKED_LORA_MAX_RANK for w in weights.values()
+            )
         )
 
 
 def masked_lora_kernel(
     kernels: CpuKernels, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, table: KernelTable
 ) -> None:
-    """`masked_lora_reference` by the CPU kernel: y [T, out], x [T, in] float32 with unit column stride
-    (y may be a column view of a fused product); index [T] int64 contiguous, the step's adapter slots."""
+    """`masked_lora_reference` by the CPU kernel: y [T, out], x [T, in] in the table's dtype with unit
+    column stride (y may be a column view of a fused product); index [T] int64 contiguous, the step's
+    adapter slots. In bfloat16, A x stays float32 and y is rounded once (torch rounds A x too)."""
     args = table.args
     args.x, args.x_stride = x.data_ptr(), x.stride(0)
     args.y, args.y_stride = y.data_ptr(), y.stride(0)

@@ -84,6 +84,7 @@ class LoraArgs(ctypes.Structure):
         ("rank", ctypes.POINTER(ctypes.c_int64)),
         ("scale", ctypes.POINTER(ctypes.c_float)),
         ("threads", ctypes.c_int64),
+        ("bf16", ctypes.c_int64),
     ]
 
 
