@@ -119,7 +119,14 @@ def paged_attention_forward(
         if plan is not None:
             q_rows = query[0].transpose(0, 1)  # [T, H, D]
             features = {"window": window, "softcap": softcap, "sinks": sinks}
-            paged_attention_cpu.attend(kernels, plan, q_rows, k_cache, v_cache, out, scale, **features)
+            if query.dtype == torch.float32:
+                paged_attention_cpu.attend(kernels, plan, q_rows, k_cache, v_cache, out, scale, **features)
+            else:  # bfloat16: the kernel reads the pool as it is, computes and writes float32
+                out32 = torch.empty(out.shape)
+                paged_attention_cpu.attend(
+                    kernels, plan, q_rows.float(), k_cache, v_cache, out32, scale, **features
+                )
+                out.copy_(out32)  # rows the kernel did not cover are written below
         if len(covered) == len(seqs):
             return out.unsqueeze(0), None
     short: list[SeqSpan] = []  # the gathered path's sequences
@@ -160,11 +167,12 @@ def paged_attention_forward(
 
 
 def _kernel_serves(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """The CPU kernel computes float32 on the CPU with head sizes in whole vectors of 16."""
+    """The CPU kernel computes in float32 on the CPU, over a float32 or bfloat16 pool (queries of the
+    pool's dtype), with head sizes in whole vectors of 16."""
     return (
         query.device.type == "cpu"
-        and query.dtype == torch.float32
-        and k_cache.dtype == torch.float32
+        and query.dtype == k_cache.dtype
+        and k_cache.dtype in paged_attention_cpu.KV_DTYPES
         and query.shape[-1] % 16 == 0
         and query.stride(-1) == 1
     )

@@ -63,6 +63,7 @@ class PagedArgs(ctypes.Structure):
         ("part_acc", ctypes.c_void_p),
         ("part_ml", ctypes.c_void_p),
         ("threads", ctypes.c_int64),
+        ("kv_bf16", ctypes.c_int64),
     ]
 
 

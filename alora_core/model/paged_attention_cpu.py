@@ -29,6 +29,7 @@ from alora_core.model.cpu_kernels import CpuKernels, PagedArgs
 Segments = tuple[tuple[int, int], ...]
 
 SPLIT_KEYS = 512  # runs are cut at positions that are multiples of this
+KV_DTYPES = (torch.float32, torch.bfloat16)  # of the pool; queries and outputs are float32
 ITEM_ROWS = 128  # an item holds at most this many rows: a longer prefill chunk is several (parallel) tasks
 
 
@@ -139,11 +140,12 @@ def attend(
     sinks: torch.Tensor | None = None,
 ) -> None:
     """The plan's rows of out [T, H, D] (float32, contiguous) from query [T, H, D] (float32, unit
-    stride in D) over the caches [KVH, S, D] (float32, contiguous)."""
+    stride in D) over the caches [KVH, S, D] (float32 or bfloat16, contiguous)."""
     heads, dim = query.shape[1], query.shape[2]
     assert (
         query.stride(2) == 1 and out.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
+    assert query.dtype == out.dtype == torch.float32 and k_cache.dtype == v_cache.dtype in KV_DTYPES
     scratch = plan.scratch.get((heads, dim))
     if scratch is None:  # one set of partials for every layer of the step
         scratch = plan.scratch[(heads, dim)] = (
@@ -160,6 +162,7 @@ def attend(
     a.sinks = None if sinks_f32 is None else sinks_f32.data_ptr()
     a.part_acc, a.part_ml = scratch[0].data_ptr(), scratch[1].data_ptr()
     a.threads = torch.get_num_threads()
+    a.kv_bf16 = int(k_cache.dtype == torch.bfloat16)
     kernels.paged_attention(a)
 
 

@@ -127,6 +127,25 @@ def test_kernel_matches_the_dense_reference(
         torch.testing.assert_close(out[row].double(), ref, atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("name", sorted(FEATURES))
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 64), (2, 1, 80)])
+def test_kernel_reads_a_bfloat16_pool(
+    kernels: CpuKernels, name: str, heads: int, kv_heads: int, dim: int
+) -> None:
+    """A bfloat16 pool (the serving dtype): each task widens the keys and values it reads, the rest is the
+    float32 computation, so the result equals the dense reference on the same bf16 values as tightly."""
+    spans, query, k_cache, v_cache = make_case(7 + heads, heads, kv_heads, dim)
+    k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    extra = feature_kwargs(name, heads)
+    plan, _ = attention.kernel_plan(tuple(spans))
+    assert plan is not None
+    out = torch.full((query.shape[2], heads, dim), float("nan"))
+    paged_attention_cpu.attend(kernels, plan, query[0].transpose(0, 1), k_cache, v_cache, out, 0.3, **extra)  # type: ignore[arg-type]
+    expected = paged_attention_cpu.reference(spans, query[0].transpose(0, 1), k_cache, v_cache, 0.3, **extra)  # type: ignore[arg-type]
+    for row, ref in expected.items():
+        torch.testing.assert_close(out[row].double(), ref, atol=3e-5, rtol=3e-5)
+
+
 def test_reference_agrees_with_the_eager_path() -> None:
     """The oracle itself against the engine's eager attention (ATen flash parts and merges)."""
     spans, query, k_cache, v_cache = make_case(5, 8, 2, 32)
@@ -142,13 +161,16 @@ def test_reference_agrees_with_the_eager_path() -> None:
             )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel_prefill", [True, False])
 @pytest.mark.parametrize("name", sorted(FEATURES))
-def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str, kernel_prefill: bool) -> None:
+def test_layer_forward_equals_the_eager_path(
+    kernels: CpuKernels, name: str, kernel_prefill: bool, dtype: torch.dtype
+) -> None:
     """paged_attention_forward with the kernel (the K/V write, then the kernel's rows) equals the same
     step on the eager path. Row 0's sequence is a 20-token single-run prefill chunk: the kernel's with
     kernel_prefill, else ATen's SDPA (the eager path's; but soft-capped or with sinks, SDPA cannot, so
-    the kernel's again)."""
+    the kernel's again). In bfloat16 both round their outputs to bf16 (the kernel computes in float32)."""
     kv_heads, heads, dim, slots = 2, 4, 32, 2048
     spans = [
         SeqSpan(0, 20, 120, ((100, 220),)),
@@ -163,7 +185,7 @@ def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str, ker
     extra = feature_kwargs(name, heads)
     outs = []
     for use_kernel in (True, False):
-        kv = torch.randn(1, 2, kv_heads, slots, dim, generator=torch.Generator().manual_seed(1))
+        kv = torch.randn(1, 2, kv_heads, slots, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
         batch = StepBatch(
             input_ids=torch.zeros(rows, dtype=torch.long),
             positions=torch.zeros(rows, dtype=torch.long),
@@ -176,9 +198,9 @@ def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str, ker
             kernel_prefill=kernel_prefill,
         )
         g = torch.Generator().manual_seed(2)
-        query = torch.randn(1, rows, heads, dim, generator=g).transpose(1, 2)
-        key = torch.randn(1, kv_heads, rows, dim, generator=g)
-        value = torch.randn(1, kv_heads, rows, dim, generator=g)
+        query = torch.randn(1, rows, heads, dim, generator=g).to(dtype).transpose(1, 2)
+        key = torch.randn(1, kv_heads, rows, dim, generator=g).to(dtype)
+        value = torch.randn(1, kv_heads, rows, dim, generator=g).to(dtype)
         layer = torch.nn.Module()
         layer.layer_idx = 0
         out, _ = attention.paged_attention_forward(
@@ -202,7 +224,9 @@ def test_layer_forward_equals_the_eager_path(kernels: CpuKernels, name: str, ker
             assert covered == by_kernel
             first = 0 if 0 in by_kernel else 20
             assert sorted(set(plan.row_q.tolist())) == list(range(first, rows))
-    torch.testing.assert_close(outs[0], outs[1], atol=3e-5, rtol=3e-5)
+    tol = 3e-5 if dtype == torch.float32 else 2e-2
+    assert outs[0].dtype == outs[1].dtype == dtype
+    torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(("kernel_s", "sdpa_s", "expected"), [(1.0, 2.0, True), (2.0, 1.0, False)])

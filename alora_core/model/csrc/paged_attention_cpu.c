@@ -13,7 +13,9 @@
  *   for row r: out[q_row[r], g] = softmax-merge of its partials (part_ptr/part_idx), times
  *              sigmoid(lse - sinks[g]) where sinks are given
  *
- * Needs dim % 16 == 0 (every head size served in practice; the caller checks).
+ * Needs dim % 16 == 0 (every head size served in practice; the caller checks). q, out and the partials
+ * are float32; the pool is float32 or bfloat16 (kv_bf16: each task widens the keys and values it reads
+ * into its scratch once, so the pool is read at half the bytes and the arithmetic is the float32 one).
  * Every item is one task per kv head (OpenMP, dynamic schedule); its rows' query vectors stay in a
  * per-task buffer, each key block is read once for all of them (a fork group's shared prefix is read
  * once per step for every fork). Keys are visited in blocks with an online softmax: 16 (one vector of
@@ -49,6 +51,7 @@ typedef struct {
     float *part_acc;       /* [num_parts, H, D] */
     float *part_ml;        /* [num_parts, H, 2]: running max, sum of exponentials */
     int64_t threads;
+    int64_t kv_bf16;       /* 1: k, v hold bfloat16 values (each task widens its keys into its scratch) */
 } PagedArgs;
 
 /* 16 floats in one vector (one AVX-512 register; GCC splits it where the CPU has narrower ones). */
@@ -56,6 +59,8 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
 typedef int vi_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh_unaligned __attribute__((vector_size(32), aligned(2)));  /* 16 bfloat16 values */
 #define LANES 16
 #define LOAD(p) (*(const vf_unaligned *)(p))
 #define STORE(p, x) (*(vf_unaligned *)(p) = (x))
@@ -259,6 +264,15 @@ static void attend_lanes(const PagedArgs *a, const float *q, int64_t i0, int64_t
     }
 }
 
+/* keys [first, last) of a bfloat16 run (row stride D) into float32 rows of dst, at the same row indices */
+static void widen_rows(float *dst, const uint16_t *src, int64_t first, int64_t last, int64_t D) {
+    for (int64_t j = first; j < last; j++)
+        for (int64_t c = 0; c < D; c += LANES) {
+            const vu w = __builtin_convertvector(*(const vh_unaligned *)(src + j * D + c), vu) << 16;
+            STORE(dst + j * D + c, (vf)w);
+        }
+}
+
 /* One item for one kv head: its rows x the G query heads of h, over the item's keys. */
 static void attend_item(const PagedArgs *a, const int64_t *item, int64_t h, void *buf) {
     const int64_t D = a->dim, G = a->heads / a->kv_heads;
@@ -292,6 +306,15 @@ static void attend_item(const PagedArgs *a, const int64_t *item, int64_t h, void
     memset(acc, 0, sizeof(float) * nq * D);
     for (int64_t i = 0; i < nq; i++) { m[i] = -INFINITY; l[i] = 0.f; }
     const float *kh = a->k + h * a->kv_stride_h + slot * D, *vh = a->v + h * a->kv_stride_h + slot * D;
+    if (a->kv_bf16) {  /* bfloat16 pool: the keys this item reads, widened once into the scratch */
+        float *kw = s + (nq > 2 * D ? nq : 2 * D) * LANES, *vw = kw + keys * D;
+        const uint16_t *k16 = (const uint16_t *)a->k + h * a->kv_stride_h + slot * D;
+        const uint16_t *v16 = (const uint16_t *)a->v + h * a->kv_stride_h + slot * D;
+        widen_rows(kw, k16, first, last, D);
+        widen_rows(vw, v16, first, last, D);
+        kh = kw;
+        vh = vw;
+    }
     if (nq >= LANES_MIN) {
         for (int64_t i0 = 0; i0 < nq; i0 += LANES) {
             const int64_t n = nq - i0 < LANES ? nq - i0 : LANES;
@@ -381,19 +404,22 @@ static void merge_row(const PagedArgs *a, int64_t r) {
     }
 }
 
-/* Bytes of scratch one task needs for an item of `rows` rows (see attend_item). */
-static size_t task_bytes(const PagedArgs *a, int64_t rows) {
+/* Bytes of scratch one task needs for an item of `rows` rows and `keys` keys (see attend_item). */
+static size_t task_bytes(const PagedArgs *a, int64_t rows, int64_t keys) {
     const int64_t nq = rows * (a->heads / a->kv_heads);
-    return sizeof(int64_t) * 2 * rows + sizeof(float) * (nq * (2 * a->dim + 2) + (nq > 2 * a->dim ? nq : 2 * a->dim) * LANES);
+    const int64_t widened = a->kv_bf16 ? 2 * keys * a->dim : 0;  /* float32 copies of a bf16 item's K, V */
+    return sizeof(int64_t) * 2 * rows
+           + sizeof(float) * (nq * (2 * a->dim + 2) + (nq > 2 * a->dim ? nq : 2 * a->dim) * LANES + widened);
 }
 
 int paged_attention(const PagedArgs *a) {
-    int64_t max_rows = 0;
+    int64_t max_rows = 0, max_keys = 0;
     for (int64_t t = 0; t < a->num_items; t++) {
-        const int64_t rows = a->items[6 * t + 1] - a->items[6 * t];
+        const int64_t rows = a->items[6 * t + 1] - a->items[6 * t], keys = a->items[6 * t + 3];
         if (rows > max_rows) max_rows = rows;
+        if (keys > max_keys) max_keys = keys;
     }
-    const size_t scratch = task_bytes(a, max_rows);
+    const size_t scratch = task_bytes(a, max_rows, max_keys);
     const int64_t tasks = a->num_items * a->kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(a->threads)
