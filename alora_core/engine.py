@@ -348,6 +348,7 @@ class Engine:
         owner = _tenant(conversation_id, tenant)
         if conversation_id is not None:
             self._resume(conversation_id, required=False)  # the input is the whole history
+            self._await_handle_write(conversation_id)
         request = Request(
             "generate",
             conversation_id,
@@ -385,6 +386,7 @@ class Engine:
             params.validate(self.loaded.shape.vocab_size)
         if conversation_id is not None:
             self._resume(conversation_id)
+            self._await_handle_write(conversation_id)
         if conversation_id is not None and conversation_id not in self.conversations:
             raise UnknownConversationError(f"unknown conversation {conversation_id!r}")
         request = Request(
@@ -554,6 +556,21 @@ class Engine:
                         len(meta.token_ids),
                         meta.cached_tokens,
                     )
+
+    def _await_handle_write(self, conversation_id: str) -> None:
+        """A conversation whose KV this replica no longer holds locally is restored from Redis, and
+        while its last turn's write is in flight only its whole values may be read (the write rewrites
+        its tail): a short conversation would be recomputed whole. Wait here, on the caller's thread,
+        for that write (bounded, as a resume waits), so the scheduler restores it instead."""
+        redis = self.tiers.redis
+        if redis is None:
+            return
+        with self.scheduler.state_lock:
+            conv = self.conversations.get(conversation_id)
+            if conv is None or conv.persist_pending is None or conv.local_tokens + 1 >= len(conv.token_ids):
+                return  # no write in flight, or this replica still holds the history's KV
+            key = conv.key
+        redis.wait_written(key)
 
     def _conversation(self, conversation_id: str) -> Conversation:
         conv = self.conversations.get(conversation_id)

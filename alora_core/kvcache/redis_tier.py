@@ -151,10 +151,7 @@ class RedisTier:
         """The conversation's handle, if Redis has a valid one (any replica may have written it).
         A write of it still queued here is waited for: it may have just left the local store. Raises
         the client's error (REDIS_ERRORS) when the node holding it cannot answer: unknown, not absent."""
-        deadline = time.monotonic() + wait_s
-        with self._cv:
-            while self._pending_keys[key] and time.monotonic() < deadline:
-                self._cv.wait(deadline - time.monotonic())
+        self.wait_written(key, wait_s)
         t0 = time.perf_counter()
         raw = self._client.getex(self.meta_key(key), self.ttl_s)  # errors: counted by the client
         self.cost.observe_redis_latency(time.perf_counter() - t0)
@@ -166,6 +163,14 @@ class RedisTier:
             self.counters.discarded_entries[exc.reason] += 1
             log.warning("discarded the Redis metadata of a conversation: %s", exc)
             return None
+
+    def wait_written(self, key: str, wait_s: float = 5.0) -> bool:
+        """Until no write of conversation `key` is queued or in flight here (at most wait_s): whether none is."""
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            while self._pending_keys[key] and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
+            return not self._pending_keys[key]
 
     def submit_write(self, job: WriteJob) -> bool:
         with self._cv:

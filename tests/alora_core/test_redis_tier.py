@@ -233,6 +233,31 @@ def test_damaged_entries_are_discarded_and_recomputed(
     assert result.usage.cached_tokens == other_meta.cached_tokens
 
 
+def test_a_turn_after_its_own_write_in_flight_restores(
+    make_engine: Callable[..., Engine], redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing kept locally: the next turn of a short conversation (its KV in Redis as a tail, which
+    the previous turn's write rewrites) arrives while that write is still in flight. It waits for the
+    write and restores the conversation, instead of reading no whole value and recomputing it."""
+    engine = make_engine(redis_url=redis_server.url, **REDIS_ONLY)
+    write = RedisTier._write
+
+    def slow_write(self: RedisTier, job: object) -> None:
+        time.sleep(0.5)
+        write(self, job)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RedisTier, "_write", slow_write)
+    history = random_ids(30, seed=11)
+    first = engine.generate("t1:c", history, PARAMS)
+    conv = engine.conversations.get("t1:c")
+    assert conv is not None and conv.persist_pending is not None  # the turn's write is in flight
+    turn = history + first.token_ids + random_ids(5, seed=12)
+    second = engine.generate("t1:c", turn, PARAMS)
+    assert second.usage.cached_tokens == len(history) + len(first.token_ids) - 1
+    expected = make_engine().generate("fresh", turn, PARAMS)
+    assert_same([second], [expected])
+
+
 def test_a_history_outside_the_vocabulary_is_not_resumed(
     make_engine: Callable[..., Engine], redis_server: RedisServer
 ) -> None:
