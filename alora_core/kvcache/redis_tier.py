@@ -165,7 +165,8 @@ class RedisTier:
             return None
 
     def wait_written(self, key: str, wait_s: float = 5.0) -> bool:
-        """Until no write of conversation `key` is queued or in flight here (at most wait_s): whether none is."""
+        """Until no write of conversation `key` is queued or in flight here (at most wait_s): whether
+        none is."""
         deadline = time.monotonic() + wait_s
         with self._cv:
             while self._pending_keys[key] and time.monotonic() < deadline:

@@ -6,10 +6,11 @@
 The slot of each row comes from the step's LoraBatch in the shared ForwardContext, so one forward
 serves base, LoRA and aLoRA rows together. On CPU the delta of a short float32 or bfloat16 step (see
 KERNEL_MAX_ROWS) is one call of the C kernel (ops.masked_lora_kernel), other steps take the torch
-ops (ops.py: one adapter's rows in one addmm, several adapters in one bmm pair). On CUDA (decided once, when the wrapper is built) the wrappers of one attention or MLP block that read
-the same x form a `SharedInputGroup`: the first of them called runs every member's base layer and
-one fused Triton shrink + expand for all of them (triton_ops.py); the others return their output
-when the model calls them with that same x.
+ops (ops.py: one adapter's rows in one addmm, several adapters in one bmm pair). On CUDA (decided
+once, when the wrapper is built) the wrappers of one attention or MLP block that read the same x form
+a `SharedInputGroup`: the first of them called runs every member's base layer and one fused Triton
+shrink + expand for all of them (triton_ops.py); the others return their output when the model calls
+them with that same x.
 
     q_proj(x) -> [q, k, v base GEMMs] -> shrink + expand over q|k|v -> q   (k, v kept for their calls)
     k_proj(x) -> k

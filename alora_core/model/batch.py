@@ -133,7 +133,8 @@ class StepBatch:
     kv: torch.Tensor  # [L, 2, KVH, S, D] the whole pool (see kvcache.block_pool)
     lora: LoraBatch | None
     logits_rows: torch.Tensor  # [n] rows whose logits are needed (last new row of sequences that sample)
-    # what the attention layers derive from the spans once per step and share (see attention_gather.gather_plan)
+    # what the attention layers derive from the spans once per step and share (e.g.
+    # attention_gather.gather_plan)
     derived: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
     # CUDA: the step's metadata on the device, read by the paged Triton kernel (model/step_buffers.py)
     device_step: "DeviceStep | None" = None
